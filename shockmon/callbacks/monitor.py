@@ -1,0 +1,450 @@
+"""``ShockMonitor``: the Lightning callback that observes, tracks and logs.
+
+Thin glue: :class:`shockmon.observer.Observer` computes the observables, :class:`shockmon.tracker.BurgersTracker`
+tracks them; this callback decides *when* (optimizer steps, log steps) and *where* (loggers, TensorBoard extras,
+``trainer.callback_metrics``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+from torch.optim import Optimizer
+
+from shockmon.callbacks import tensorboard as tb
+from shockmon.callbacks.transfer import to_host
+from shockmon.events import ShockEvent
+
+if TYPE_CHECKING:
+    from shockmon.observer import Observer
+    from shockmon.tracker import BurgersTracker
+
+#: ``listener(trainer, monitor, new_events)``, called on every rank after each host read.
+Listener = Callable[["pl.Trainer", "ShockMonitor", list[ShockEvent]], None]
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        if allow_none:
+            what += " or None"
+        raise ValueError(f"Expected argument `{name}` to be {what}, but got {value!r}")
+
+
+class ShockMonitor(Callback):
+    r"""Forecast training phase transitions ("shocks") from symmetry-reduced observables, and log them.
+
+    Every optimizer step (not every micro-batch under gradient accumulation; ``every_n_steps`` thins this), the
+    monitor computes the model's observables on the parameters' device — gradient-side ones in
+    ``on_before_optimizer_step``, before the step; parameter-side ones after it — and feeds the Burgers tracker. None of
+    this reads anything back to the host. Every ``log_every_n_steps`` it reads everything back in one transfer and logs
+    it through Lightning's logger API (so CSV and other loggers get the scalars), writes the TensorBoard extras, puts
+    the gating signals in ``trainer.callback_metrics`` and hands new events to listeners such as
+    :class:`~shockmon.ShockEarlyStopping`. At the end of training a last read logs what happened after the last log
+    step. Validation, test, predict and sanity checking are not observed.
+
+    Logged tags (``<prefix>`` is ``shockmon`` by default; step = ``trainer.global_step``):
+
+    ======================================================  =========================================================
+    tag                                                     meaning
+    ======================================================  =========================================================
+    ``<prefix>/quotient/<family>/<module>/<name>``          quotient (symmetry-invariant) observable, a scalar
+    ``<prefix>/quotient/grad/<group>``                      quotient gradient norm of a group (before the step)
+    ``<prefix>/raw/<module>/<name>``                        the naive (not invariant) counterpart
+    ``<prefix>/dynamics/...``                               observables that need history (angular step, eff. LR)
+    ``<prefix>/forecast/<group>``                           steps until the forecast shock of a group (``inf``: none)
+    ``<prefix>/viscosity/<group>``                          estimated viscosity ν of a group
+    ``<prefix>/state/<group>``                              0 before, 1 shock imminent, 2 in shock
+    ``<prefix>/burgers_consistency``                        how Burgers-like (Riccati-consistent) the run is
+    ``<prefix>/steps_to_shock``                             minimum of the forecasts (also in ``callback_metrics``
+                                                            and on the progress bar)
+    ``<prefix>/shock``                                      1 while a shock is active (also in ``callback_metrics``)
+    ``<prefix>/alerts``                                     events so far (also in ``callback_metrics``)
+    ``<prefix>/alerts/<group>``                             events so far in a group
+    ======================================================  =========================================================
+
+    TensorBoard loggers additionally get: the text ``<prefix>/alert_text`` (a markdown table per log step with new
+    events: kind, group, view, forecast shock step, lead, strength, units), the text ``<prefix>/symmetry_report``
+    (at fit start), histograms ``<prefix>/quotient/.../sorted`` of per-unit invariants (every
+    ``histogram_every_n_steps``) and a custom-scalars layout (quotient beside raw per module; forecast beside alerts
+    per group).
+
+    Args:
+        log_every_n_steps: read back and log every this many optimizer steps; ``None``: the Trainer's
+            ``log_every_n_steps``; ``0``: only at the end of training.
+        histogram_every_n_steps: per-unit histograms at the first log step after each multiple of this; ``None``:
+            ten log intervals; ``0``: never.
+        every_n_steps: observe every this many optimizer steps (1: every step).
+        horizon: the tracker's forecast horizon, in steps.
+        window: the tracker's fitting window, in observations.
+        prefix: tag prefix; also identifies the instance in checkpoints, so two monitors need two prefixes.
+        progress_bar: show ``<prefix>/steps_to_shock`` on the progress bar.
+        print_summary: print the symmetry summary at fit start (rank zero).
+        max_events: how many past events :attr:`events` keeps (and checkpoints).
+        tracker_kwargs: more keyword arguments for :class:`~shockmon.BurgersTracker`.
+        observer_kwargs: keyword arguments for :class:`~shockmon.Observer`.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from shockmon import ShockMonitor, ShockEarlyStopping
+        >>> trainer = Trainer(callbacks=[ShockMonitor(), ShockEarlyStopping(monitor="val_loss")])
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        histogram_every_n_steps: int | None = None,
+        every_n_steps: int = 1,
+        horizon: int = 200,
+        window: int = 16,
+        prefix: str = "shockmon",
+        progress_bar: bool = True,
+        print_summary: bool = True,
+        max_events: int = 1000,
+        tracker_kwargs: dict[str, Any] | None = None,
+        observer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_int("log_every_n_steps", log_every_n_steps, 0, allow_none=True)
+        _check_int("histogram_every_n_steps", histogram_every_n_steps, 0, allow_none=True)
+        _check_int("every_n_steps", every_n_steps, 1)
+        _check_int("horizon", horizon, 1)
+        _check_int("window", window, 2)
+        _check_int("max_events", max_events, 0)
+        if not isinstance(prefix, str) or not prefix or prefix != prefix.strip("/ "):
+            raise ValueError(
+                f"Expected argument `prefix` to be a non-empty string without leading or trailing '/', but got {prefix!r}"
+            )
+        for name, kw in (("tracker_kwargs", tracker_kwargs), ("observer_kwargs", observer_kwargs)):
+            if kw is not None and not isinstance(kw, Mapping):
+                raise TypeError(f"Expected argument `{name}` to be a dict or None, but got {type(kw).__name__}")
+        self.log_every_n_steps = log_every_n_steps
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.every_n_steps = every_n_steps
+        self.horizon = horizon
+        self.window = window
+        self.prefix = prefix
+        self.progress_bar = progress_bar
+        self.print_summary = print_summary
+        self.max_events = max_events
+        self.tracker_kwargs = dict(tracker_kwargs or {})
+        self.observer_kwargs = dict(observer_kwargs or {})
+
+        self._observer: Observer | None = None
+        self._tracker: BurgersTracker | None = None
+        self._listeners: list[Listener] = []
+        self._pending_observer_state: dict[str, Any] | None = None
+        self._pending_tracker_state: dict[str, Any] | None = None
+        self._reset_run_state()
+
+    # ------------------------------------------------------------------ state
+    def _reset_run_state(self) -> None:
+        self._log_every = 0
+        self._hist_every = 0
+        self._last_step = -1  # the last global_step seen at a batch end
+        self._pending_grads: dict[str, Tensor] = {}
+        self._values: dict[str, Tensor] | None = None  # the latest observation's values (device tensors)
+        self._values_step = -1
+        self._last_read_step = -1
+        self._last_hist_step = -1
+        self._layout_written = False
+        self._observations = 0
+        self._events: deque[ShockEvent] = deque(maxlen=self.max_events)
+        self._alerts = 0
+        self._alerts_by_group: Counter[str] = Counter()
+        self._latest: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
+
+    def state_dict(self) -> dict[str, Any]:
+        observer_state = None
+        if self._observer is not None and hasattr(self._observer, "state_dict"):
+            observer_state = self._observer.state_dict()
+        elif self._pending_observer_state is not None:
+            observer_state = self._pending_observer_state
+        tracker_state = self._tracker.state_dict() if self._tracker is not None else self._pending_tracker_state
+        return {
+            "version": 1,
+            "tracker": tracker_state,
+            "observer": observer_state,
+            "observations": self._observations,
+            "alerts": self._alerts,
+            "alerts_by_group": dict(self._alerts_by_group),
+            "events": [e.to_dict() for e in self._events],
+            "latest": dict(self._latest),
+            "last_read_step": self._last_read_step,
+            "last_hist_step": self._last_hist_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._observations = int(state_dict.get("observations", 0))
+        self._alerts = int(state_dict.get("alerts", 0))
+        self._alerts_by_group = Counter({str(k): int(v) for k, v in state_dict.get("alerts_by_group", {}).items()})
+        self._events = deque((ShockEvent.from_dict(d) for d in state_dict.get("events", [])), maxlen=self.max_events)
+        self._latest = {str(k): float(v) for k, v in state_dict.get("latest", {}).items()}
+        self._last_read_step = int(state_dict.get("last_read_step", -1))
+        self._last_hist_step = int(state_dict.get("last_hist_step", -1))
+        tracker_state = state_dict.get("tracker")
+        if tracker_state is not None:
+            if self._tracker is not None:
+                self._tracker.load_state_dict(tracker_state)
+            else:
+                self._pending_tracker_state = tracker_state
+        observer_state = state_dict.get("observer")
+        if observer_state is not None:
+            if self._observer is not None and hasattr(self._observer, "load_state_dict"):
+                self._observer.load_state_dict(observer_state)
+            else:
+                self._pending_observer_state = observer_state
+
+    # ------------------------------------------------------------- read-only
+    @property
+    def observer(self) -> Observer | None:
+        """The observer (built at fit start)."""
+        return self._observer
+
+    @property
+    def tracker(self) -> BurgersTracker | None:
+        """The tracker (built at setup)."""
+        return self._tracker
+
+    @property
+    def report(self) -> Any:
+        """The symmetry report of the observed model (``None`` before fit start)."""
+        return None if self._observer is None else self._observer.report
+
+    @property
+    def events(self) -> list[ShockEvent]:
+        """Events read so far (the last ``max_events``), oldest first."""
+        return list(self._events)
+
+    @property
+    def alerts(self) -> int:
+        """How many events have been read so far."""
+        return self._alerts
+
+    @property
+    def num_observations(self) -> int:
+        """How many optimizer steps have been observed."""
+        return self._observations
+
+    @property
+    def latest(self) -> dict[str, float]:
+        """The tracker summary at the last read (keys without prefix: ``steps_to_shock``, ``shock``, ``state/<g>``...)."""
+        return dict(self._latest)
+
+    @property
+    def shock_active(self) -> bool:
+        """Whether a shock was active at the last read."""
+        return self._latest.get("shock", 0.0) >= 1.0 or any(
+            v >= 2.0 for k, v in self._latest.items() if k.startswith("state/")
+        )
+
+    @property
+    def transition_active(self) -> bool:
+        """Whether, at the last read, a shock was forecast within the horizon, imminent or active."""
+        return (
+            math.isfinite(self._latest.get("steps_to_shock", math.inf))
+            or self.shock_active
+            or any(v >= 1.0 for k, v in self._latest.items() if k.startswith("state/"))
+        )
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(trainer, monitor, new_events)`` on every rank after each host read (idempotent)."""
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    # ---------------------------------------------------------- construction
+    def _make_tracker(self) -> BurgersTracker:
+        """Build the tracker; override to customise."""
+        from shockmon.tracker import BurgersTracker
+
+        return BurgersTracker(horizon=self.horizon, window=self.window, **self.tracker_kwargs)
+
+    def _make_observer(self, pl_module: pl.LightningModule) -> Observer:
+        """Build the observer of ``pl_module``; override to customise."""
+        from shockmon.observer import Observer
+
+        return Observer(pl_module, **self.observer_kwargs)
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        same = [cb for cb in trainer.callbacks if isinstance(cb, ShockMonitor) and cb.prefix == self.prefix]
+        if len(same) > 1:
+            raise MisconfigurationException(
+                f"{len(same)} ShockMonitor callbacks share the prefix {self.prefix!r}; give each its own `prefix`"
+                " (it names their tags and their state in checkpoints)."
+            )
+        self._reset_run_state()
+        self._log_every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        if self.histogram_every_n_steps is None:
+            self._hist_every = 10 * self._log_every
+        else:
+            self._hist_every = self.histogram_every_n_steps
+        self._observer = None
+        self._tracker = self._make_tracker()
+        if self._pending_tracker_state is not None:
+            self._tracker.load_state_dict(self._pending_tracker_state)
+            self._pending_tracker_state = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Built here, not in setup: `configure_model` and the strategy (device move, sharding) have run by now.
+        self._observer = self._make_observer(pl_module)
+        if self._pending_observer_state is not None and hasattr(self._observer, "load_state_dict"):
+            self._observer.load_state_dict(self._pending_observer_state)
+        self._pending_observer_state = None
+        report = self._observer.report
+        if self.print_summary:
+            rank_zero_info(f"shockmon: symmetries of {type(pl_module).__name__}\n{report}")
+        if trainer.is_global_zero:
+            for writer in tb.tensorboard_writers(trainer.loggers):
+                writer.add_text(f"{self.prefix}/symmetry_report", tb.report_markdown(report), trainer.global_step)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step  # after a restore, the resumed step
+        self._pending_grads = {}
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if self._observer is None or trainer.sanity_checking:
+            return
+        if (trainer.global_step + 1) % self.every_n_steps != 0:
+            return
+        self._pending_grads.update(self._observer.grad_observables())
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self._observer is None or step == self._last_step:
+            return  # not an optimizer step (accumulating, or the step was skipped)
+        self._last_step = step
+        if step % self.every_n_steps != 0:
+            self._pending_grads = {}
+            return
+        self._observe(trainer, step)
+        if self._log_every > 0 and step % self._log_every == 0:
+            self._read(trainer, pl_module, step, in_loop=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._observer is not None and self._values_step > self._last_read_step:
+            self._read(trainer, pl_module, self._values_step, in_loop=False)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._values = None
+            self._pending_grads = {}
+
+    # -------------------------------------------------------------- the work
+    @staticmethod
+    def _lr(trainer: pl.Trainer) -> float | None:
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                lr = group.get("lr")
+                return float(lr) if isinstance(lr, (int, float)) else None  # a tensor lr would need a sync
+        return None
+
+    def _observe(self, trainer: pl.Trainer, step: int) -> None:
+        """The per-step path: device tensors only, no host sync."""
+        assert self._observer is not None and self._tracker is not None
+        values = self._observer.compute()
+        trajectory = self._observer.trajectory(values)
+        values.update(self._pending_grads)
+        self._pending_grads = {}
+        self._tracker.update(step, self._observer.units(), trajectory=trajectory, lr=self._lr(trainer))
+        self._values = values
+        self._values_step = step
+        self._observations += 1
+
+    def _histogram_due(self, step: int) -> bool:
+        if self._hist_every <= 0:
+            return False
+        return self._last_hist_step < 0 or step // self._hist_every > self._last_hist_step // self._hist_every
+
+    def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, in_loop: bool) -> None:
+        """The log-step path: one host read, then logging, callback metrics and listeners."""
+        assert self._tracker is not None
+        values = self._values or {}
+        summary = self._tracker.summary()
+        new_events = self._tracker.poll()
+        histograms = self._histogram_due(step) and trainer.is_global_zero
+        device_values: dict[str, Tensor] = {k: v for k, v in values.items() if v.ndim == 0}
+        device_values.update({f"summary:{k}": v for k, v in summary.items()})
+        if histograms:
+            device_values.update({f"hist:{k}": v for k, v in values.items() if v.ndim == 1})
+        host = to_host(device_values)  # the one device→host transfer
+
+        for e in new_events:
+            self._events.append(e)
+            self._alerts_by_group[e.group] += 1
+        self._alerts += len(new_events)
+        self._latest = {k[len("summary:") :]: float(v) for k, v in host.items() if k.startswith("summary:")}
+        self._last_read_step = step
+
+        p = self.prefix
+        metrics: dict[str, float] = {f"{p}/{k}": float(v) for k, v in host.items() if ":" not in k}
+        metrics.update({f"{p}/{k}": v for k, v in self._latest.items()})
+        groups = [k[len("forecast/") :] for k in self._latest if k.startswith("forecast/")]
+        for g in dict.fromkeys([*groups, *self._alerts_by_group]):
+            metrics[f"{p}/alerts/{g}"] = float(self._alerts_by_group.get(g, 0))
+        metrics[f"{p}/alerts"] = float(self._alerts)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+        if trainer.is_global_zero:
+            self._write_tensorboard(trainer, step, metrics, groups, new_events, host if histograms else {})
+        if histograms:
+            self._last_hist_step = step
+
+        if in_loop:  # `log` is not allowed in on_train_end
+            steps_to_shock = self._latest.get("steps_to_shock", math.inf)
+            pl_module.log(f"{p}/steps_to_shock", steps_to_shock, prog_bar=self.progress_bar, logger=False)
+            pl_module.log(f"{p}/shock", self._latest.get("shock", 0.0), logger=False)
+            pl_module.log(f"{p}/alerts", float(self._alerts), logger=False)
+        for listener in list(self._listeners):
+            listener(trainer, self, new_events)
+
+    def _write_tensorboard(
+        self,
+        trainer: pl.Trainer,
+        step: int,
+        metrics: Mapping[str, float],
+        groups: list[str],
+        new_events: list[ShockEvent],
+        host: Mapping[str, float | np.ndarray],
+    ) -> None:
+        writers = tb.tensorboard_writers(trainer.loggers)
+        if not writers:
+            return
+        p = self.prefix
+        for writer in writers:
+            if not self._layout_written:
+                writer.add_custom_scalars(tb.custom_scalars_layout(metrics, groups, p))
+            if new_events:
+                writer.add_text(f"{p}/alert_text", tb.alerts_markdown(new_events), step)
+            for k, v in host.items():
+                if k.startswith("hist:") and isinstance(v, np.ndarray) and v.size and np.isfinite(v).all():
+                    writer.add_histogram(f"{p}/{k[len('hist:') :]}", v, step)
+        self._layout_written = True
+
