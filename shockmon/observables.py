@@ -1,0 +1,204 @@
+"""Pure tensor functions: the invariants of each symmetry family.
+
+Everything here takes tensors and returns tensors, under ``torch.no_grad()``, with no host sync, so it can run every
+step on any device. Inputs are expected in the accumulation dtype (float32 or float64); the :class:`~shockmon.Observer`
+casts. Functions are written from *partial sums* (squared-weight operators, Gram matrices) so that sharded parameters
+can be reduced across ranks before they are finished.
+
+Example (path masses of a two-layer ReLU net are invariant under per-unit rescaling):
+    >>> import torch
+    >>> w1, b1, w2 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    >>> a = torch.rand(5, dtype=torch.float64) + 0.5
+    >>> pi = path_masses([w1.square(), w2.square()], [b1.square(), None])[0]
+    >>> pi2 = path_masses([(a[:, None] * w1).square(), (w2 / a).square()], [(a * b1).square(), None])[0]
+    >>> torch.allclose(pi, pi2)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "balance_scales",
+    "direction_coherence",
+    "gram_pair_norms",
+    "gram_pair_singular_values",
+    "head_grams",
+    "participation_ratio",
+    "path_masses",
+    "squared_operator",
+]
+
+_TINY = 1e-30
+
+
+@torch.no_grad()
+def squared_operator(weight: torch.Tensor, kind: str = "linear", in_blocks: int = 1) -> torch.Tensor:
+    """The ``(out, in)`` matrix of squared weights summed over everything a unit owns.
+
+    ``linear``: ``W ⊙ W``; ``conv``: ``(W ⊙ W)`` summed over the kernel; ``diag``: ``diag(γ²)``; with ``in_blocks``
+    > 1 the columns of a Linear that reads a flattened ``(C, in_blocks)`` map are summed per channel.
+    """
+    if kind == "diag":
+        return torch.diag(weight.square())
+    sq = weight.square()
+    if kind == "conv":
+        sq = sq.flatten(2).sum(-1)
+    if in_blocks > 1:
+        sq = sq.view(sq.shape[0], -1, in_blocks).sum(-1)
+    return sq
+
+
+@torch.no_grad()
+def _end_weights(h_end: torch.Tensor, h_end_nobias: torch.Tensor, end_norm: str, end_groups: int) -> torch.Tensor:
+    if end_norm == "none":
+        return torch.ones_like(h_end)
+    if end_norm == "row":
+        return 1.0 / h_end_nobias.clamp_min(_TINY)
+    if end_norm == "tensor":
+        return (1.0 / h_end.sum().clamp_min(_TINY)).expand_as(h_end)
+    g = h_end.view(end_groups, -1)
+    return (1.0 / g.sum(-1, keepdim=True).clamp_min(_TINY)).expand_as(g).reshape(-1)
+
+
+@torch.no_grad()
+def path_masses(
+    sq_ops: Sequence[torch.Tensor],
+    sq_biases: Sequence[torch.Tensor | None],
+    end_norm: str = "none",
+    end_groups: int = 1,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Per-unit path masses of every hidden layer of a rescaling chain, and the squared ℓ2 path norm.
+
+    ``in`` is a forward pass of squared weights from a vector of ones (``h ← S h + b²``), ``out`` a backward pass
+    from the chain's output (``o ← Sᵀ o``); the path mass of hidden unit ``i`` of layer ``k`` is ``in_i · out_i``:
+    the total squared weight of all input-output paths through it. When the chain's output is normalised
+    (``end_norm``), the backward pass starts from the inverse of the normalised group's mass, which makes the masses
+    invariant under that scale symmetry too.
+
+    Args:
+        sq_ops: ``S_0 ... S_m``, squared-weight operators (see :func:`squared_operator`).
+        sq_biases: ``b_k²`` per layer or None.
+        end_norm: ``"none"``, ``"row"``, ``"group"`` or ``"tensor"`` (see :class:`~shockmon.symmetry.RescaleChain`).
+        end_groups: groups for ``"group"``.
+
+    Returns:
+        (masses of hidden layers ``0 ... m-1``, squared path norm of the chain, the backward pass's starting weights
+        over the chain's outputs).
+    """
+    h = torch.ones(sq_ops[0].shape[1], dtype=sq_ops[0].dtype, device=sq_ops[0].device)
+    ins: list[torch.Tensor] = []
+    h_nobias = h
+    for s, b in zip(sq_ops, sq_biases):
+        h_nobias = s @ h
+        h = h_nobias + b if b is not None else h_nobias
+        ins.append(h)
+    o = end = _end_weights(h, h_nobias, end_norm, end_groups)
+    path_norm_sq = (h * o).sum()
+    masses: list[torch.Tensor] = [h] * (len(sq_ops) - 1)
+    for k in range(len(sq_ops) - 1, 0, -1):
+        o = sq_ops[k].t() @ o
+        masses[k - 1] = ins[k - 1] * o
+    return masses, path_norm_sq, end
+
+
+@torch.no_grad()
+def balance_scales(
+    sq_ops: Sequence[torch.Tensor],
+    sq_biases: Sequence[torch.Tensor | None],
+    init: Sequence[torch.Tensor] | None = None,
+    sweeps: int = 2,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Squared scale factors ``r_k`` that balance every hidden unit (``‖w_in‖ = ‖w_out‖``) of a chain.
+
+    Unit ``i`` of layer ``k`` is rescaled by ``sqrt(r_k,i)``: its incoming squared norm becomes
+    ``r_i (S_k r_{k-1}^{-1} + b²)_i`` and its outgoing one ``(S_{k+1}ᵀ r_{k+1})_i / r_i``; they are equal when
+    ``r_i² = (S_{k+1}ᵀ r_{k+1})_i / (S_k r_{k-1}^{-1} + b²)_i``. Gauss–Seidel sweeps over the layers converge
+    linearly to the unique balanced representative of the orbit (one sweep is exact for one hidden layer); warm-started
+    from the previous step's ``r``, one or two sweeps suffice.
+
+    Returns:
+        (``r`` per hidden layer, balanced incoming squared norms, balanced outgoing squared norms).
+    """
+    n_hidden = len(sq_ops) - 1
+    dtype, device = sq_ops[0].dtype, sq_ops[0].device
+    r = [t.clone() for t in init] if init is not None else [
+        torch.ones(sq_ops[k].shape[0], dtype=dtype, device=device) for k in range(n_hidden)
+    ]
+
+    def incoming(k: int) -> torch.Tensor:
+        prev = r[k - 1].reciprocal() if k > 0 else torch.ones(sq_ops[0].shape[1], dtype=dtype, device=device)
+        b = sq_biases[k]
+        x = sq_ops[k] @ prev
+        return x + b if b is not None else x
+
+    def outgoing(k: int) -> torch.Tensor:
+        nxt = r[k + 1] if k + 1 < n_hidden else torch.ones(sq_ops[k + 1].shape[0], dtype=dtype, device=device)
+        return sq_ops[k + 1].t() @ nxt
+
+    for _ in range(max(sweeps, 1)):
+        for k in range(n_hidden):
+            a, b = outgoing(k), incoming(k)
+            # dead units (a or b zero) keep r = 1: any scale is balanced for them
+            ok = (a > _TINY) & (b > _TINY)
+            r[k] = torch.where(ok, (a.clamp_min(_TINY) / b.clamp_min(_TINY)).sqrt(), torch.ones_like(a))
+    ins = [r[k] * incoming(k) for k in range(n_hidden)]
+    outs = [outgoing(k) / r[k] for k in range(n_hidden)]
+    return r, ins, outs
+
+
+@torch.no_grad()
+def participation_ratio(x: torch.Tensor) -> torch.Tensor:
+    """``(Σx)² / (n Σx²)`` of non-negative values: 1 when all equal, ``1/n`` when one dominates (a fraction of units)."""
+    s = x.sum()
+    return (s * s / (x.numel() * x.square().sum()).clamp_min(_TINY))
+
+
+@torch.no_grad()
+def direction_coherence(u: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine ``‖UᵀU‖²_F / n²`` between the rows of ``u`` (normalised here): 1 when all rows are
+    parallel, ``≈ 1/d`` when spread. Computed on the smaller Gram side."""
+    n = u.shape[0]
+    un = u / u.norm(dim=1, keepdim=True).clamp_min(_TINY)
+    g = un.t() @ un if un.shape[1] <= n else un @ un.t()
+    return g.square().sum() / (n * n)
+
+
+@torch.no_grad()
+def head_grams(w: torch.Tensor, num_heads: int, bias: torch.Tensor | None = None, cols: bool = False) -> torch.Tensor:
+    """Per-head Gram matrices ``W_h W_hᵀ`` of shape ``(H, d_head, d_head)``.
+
+    ``w`` is ``(H*d_head, d_in)`` with head ``h`` owning rows (``cols=False``, Q/K/V in Linear layout; a bias, if given,
+    is appended as a column because it transforms with the head's ``A``/``B``), or ``(d_out, H*d_head)`` owning
+    columns (``cols=True``, the output projection: returns ``O_hᵀ O_h``).
+    """
+    if cols:
+        wh = w.t().reshape(num_heads, -1, w.shape[0])
+    else:
+        if bias is not None:
+            w = torch.cat([w, bias[:, None]], dim=1)
+        wh = w.reshape(num_heads, -1, w.shape[1])
+    return wh @ wh.transpose(1, 2)
+
+
+@torch.no_grad()
+def gram_pair_norms(g_a: torch.Tensor, g_b: torch.Tensor) -> torch.Tensor:
+    """``‖Aᵀ B‖_F`` per head from ``G_a = A Aᵀ`` and ``G_b = B Bᵀ``: ``⟨G_a, G_b⟩^{1/2}``. Invariant under
+    ``A → M A``, ``B → M^{-T} B`` for any invertible ``M``."""
+    return (g_a * g_b).sum((-2, -1)).clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def gram_pair_singular_values(g_a: torch.Tensor, g_b: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``Aᵀ B`` per head, descending, from the Grams alone (``d_head × d_head`` eigenproblems).
+
+    The nonzero eigenvalues of ``(AᵀB)ᵀ(AᵀB)`` equal those of ``G_a^{1/2} G_b G_a^{1/2}``.
+    """
+    ev, vec = torch.linalg.eigh(g_a)
+    root = (vec * ev.clamp_min(0).sqrt().unsqueeze(-2)) @ vec.transpose(-2, -1)
+    sym = root @ g_b @ root
+    sym = 0.5 * (sym + sym.transpose(-2, -1))
+    return torch.linalg.eigvalsh(sym).clamp_min(0).sqrt().flip(-1)
