@@ -132,6 +132,7 @@ class Observer:
         self._prev_dir: dict[str, torch.Tensor] = {}
         self._proj: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._units: dict[str, torch.Tensor] = {}
+        self._row_profiles: dict[str, torch.Tensor] = {}
         self._trajectory_keys: list[str] | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -218,11 +219,18 @@ class Observer:
         def unit_rows(x: torch.Tensor) -> torch.Tensor:
             return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
+        if lay0.kind == "diag":
+            # a normalisation's channels are permuted together with its units: no fixed input side
+            p_sq_in = p_sq_in[:1].expand_as(p_sq_in)
         ins = [unit_rows(w0 @ p_first)]
         prof = sq[0] @ p_sq_in
-        for k in range(1, m):
+        for k in range(1, m + 1):
             prof = sq[k] @ prof
-            ins.append(unit_rows(prof))
+            if k < m:
+                ins.append(unit_rows(prof))
+        # rows of the last layer, seen through the hidden units: its invariant row directions (used when a
+        # normalisation makes those rows scale-free)
+        self._row_profiles[last.path] = prof
         outs = [unit_rows(cols @ p_last)]
         prof = sq[m].t() @ (end_w[:, None] * p_sq_out)
         for k in range(m - 1, 0, -1):
@@ -293,7 +301,12 @@ class Observer:
             d = (wg / wg.norm(dim=1, keepdim=True).clamp_min(1e-30)).reshape_as(w)
         else:
             d = w / w.norm().clamp_min(1e-30)
-        out[f"{pre}/direction_coherence"] = O.direction_coherence(d)
+        # rows that read hidden units of a rescaling chain move under those units' rescaling: their invariant
+        # directions are the squared-path profiles computed with the chain
+        rows = self._row_profiles.get(spec.name)
+        if rows is None:
+            rows = d
+        out[f"{pre}/direction_coherence"] = O.direction_coherence(rows)
         sq_norm = w.square().sum()
         if lr is not None:
             out[f"dynamics/normscale/{spec.name}/effective_lr"] = lr / sq_norm.clamp_min(1e-30)
@@ -312,8 +325,8 @@ class Observer:
                 out[f"dynamics/normscale/{spec.name}/angular_step"] = cos.clamp(-1, 1).acos()
             self._prev_dir[spec.name] = d.clone()
         if spec.per == "row":
-            p_in, _ = self._projection(f"normscale/{spec.name}", d.shape[1], 0, d.device)
-            proj = d @ p_in
+            p_in, _ = self._projection(f"normscale/{spec.name}", rows.shape[1], 0, d.device)
+            proj = rows @ p_in
             self._units[f"normscale/{spec.name}"] = proj / proj.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
     # ------------------------------------------------------------------ public
@@ -330,7 +343,7 @@ class Observer:
             norms = torch._foreach_norm(tensors, 2, dtype=self.dtype)
             for n, v in zip(self._raw_names, norms):
                 out[f"raw/{n}"] = v
-        self._units = {}
+        self._units, self._row_profiles = {}, {}
         for chain in self.report.chains:
             self._chain(chain, out)
         for att in self.report.attentions:

@@ -666,7 +666,8 @@ def _mha_spec(path: str, m: nn.MultiheadAttention) -> AttentionSpec:
     if m.in_proj_bias is not None:
         b = _ref(path, "in_proj_bias")
         qb, kb, vb = (ParamRef(b.name, i * e, (i + 1) * e) for i in range(3))
-    return AttentionSpec(path, q, k, v, _ref(path, "out_proj.weight"), m.num_heads, qb, kb, vb)
+    # a root-level attention module gets the name "model" (keys never contain an empty path segment)
+    return AttentionSpec(path or "model", q, k, v, _ref(path, "out_proj.weight"), m.num_heads, qb, kb, vb)
 
 
 def _relu_activation(layer: nn.Module) -> bool:
