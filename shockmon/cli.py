@@ -1,0 +1,108 @@
+"""The ``shockmon`` console script.
+
+Each subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares its parser and sets ``func`` to
+``_run_<name>(args) -> int``. Adding one (``report``, ...) means writing that pair and listing ``_add_<name>`` in
+:data:`SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ demo
+# Kept here (and checked against shockmon.demo by the tests) so that `shockmon --help` does not import Lightning.
+DEMO_MODELS = ("mlp", "transformer")
+DEMO_DEVICES = ("auto", "cpu", "cuda")
+DEMO_DEFAULT_STEPS = {"mlp": 1200, "transformer": 3000}
+
+
+def _add_demo(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="train a model that groks modular addition, with ShockMonitor and TensorBoard logging",
+        description=(
+            "Trains a small network on (a + b) mod 97 until it groks (test accuracy jumps long after the training"
+            " set is fit), with ShockMonitor watching, logs to TensorBoard and prints when the jump happened and"
+            " which alerts fired before it."
+        ),
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="optimizer steps (default: " + ", ".join(f"{n} for {m}" for m, n in DEMO_DEFAULT_STEPS.items()) + ")",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split and the weights (default: 0)")
+    p.add_argument("--out", default="./shockmon_runs", help="TensorBoard log directory (default: ./shockmon_runs)")
+    p.add_argument("--device", choices=DEMO_DEVICES, default="auto", help="auto: cuda when available (default: auto)")
+    p.add_argument("--model", choices=DEMO_MODELS, default="mlp", help="network to train (default: mlp)")
+    p.add_argument("--eval-every", type=_positive_int, default=10, help="steps between accuracy checks (default: 10)")
+    p.add_argument("--log-every", type=_positive_int, default=10, help="steps between log writes (default: 10)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: min(4, CPU count))")
+    p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="hide the progress bar")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from shockmon.demo import format_summary, run_demo
+
+    try:
+        result = run_demo(
+            steps=args.steps,
+            seed=args.seed,
+            out=args.out,
+            device=args.device,
+            model=args.model,
+            eval_every=args.eval_every,
+            log_every=args.log_every,
+            progress_bar=args.progress_bar,
+            threads=args.threads,
+        )
+    except ValueError as err:
+        print(f"shockmon demo: error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(result))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``shockmon`` argument parser, with every subcommand in :data:`SUBCOMMANDS`."""
+    from shockmon import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="shockmon",
+        description="Forecast training phase transitions from symmetry-reduced observables.",
+    )
+    parser.add_argument("--version", action="version", version=f"shockmon {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``shockmon`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
