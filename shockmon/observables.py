@@ -9,8 +9,8 @@ Example (path masses of a two-layer ReLU net are invariant under per-unit rescal
     >>> import torch
     >>> w1, b1, w2 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
     >>> a = torch.rand(5, dtype=torch.float64) + 0.5
-    >>> pi = path_masses([w1.square(), w2.square()], [b1.square(), None])[0]
-    >>> pi2 = path_masses([(a[:, None] * w1).square(), (w2 / a).square()], [(a * b1).square(), None])[0]
+    >>> pi = path_masses([w1.square(), w2.square()], [b1.square(), None])[0][0]
+    >>> pi2 = path_masses([(a[:, None] * w1).square(), (w2 / a).square()], [(a * b1).square(), None])[0][0]
     >>> torch.allclose(pi, pi2)
     True
 """
@@ -18,11 +18,14 @@ Example (path masses of a two-layer ReLU net are invariant under per-unit rescal
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 __all__ = [
+    "ChainPass",
     "balance_scales",
+    "chain_pass",
     "direction_coherence",
     "gram_pair_norms",
     "gram_pair_singular_values",
@@ -176,12 +179,14 @@ def head_grams(w: torch.Tensor, num_heads: int, bias: torch.Tensor | None = None
     columns (``cols=True``, the output projection: returns ``O_hᵀ O_h``).
     """
     if cols:
-        wh = w.t().reshape(num_heads, -1, w.shape[0])
-    else:
-        if bias is not None:
-            w = torch.cat([w, bias[:, None]], dim=1)
-        wh = w.reshape(num_heads, -1, w.shape[1])
-    return wh @ wh.transpose(1, 2)
+        wh = w.view(w.shape[0], num_heads, -1).permute(1, 2, 0)
+        return wh @ wh.transpose(1, 2)
+    wh = w.reshape(num_heads, -1, w.shape[1])
+    g = wh @ wh.transpose(1, 2)
+    if bias is not None:
+        bh = bias.view(num_heads, -1, 1)
+        g = torch.baddbmm(g, bh, bh.transpose(1, 2))
+    return g
 
 
 @torch.no_grad()
@@ -195,10 +200,122 @@ def gram_pair_norms(g_a: torch.Tensor, g_b: torch.Tensor) -> torch.Tensor:
 def gram_pair_singular_values(g_a: torch.Tensor, g_b: torch.Tensor) -> torch.Tensor:
     """Singular values of ``Aᵀ B`` per head, descending, from the Grams alone (``d_head × d_head`` eigenproblems).
 
-    The nonzero eigenvalues of ``(AᵀB)ᵀ(AᵀB)`` equal those of ``G_a^{1/2} G_b G_a^{1/2}``.
+    The nonzero eigenvalues of ``(AᵀB)ᵀ(AᵀB)`` equal those of ``Lᵀ G_b L`` with ``G_a = L Lᵀ`` (Cholesky; a jitter of
+    ``10·eps`` times the mean diagonal keeps a rank-deficient ``G_a`` factorisable without a host-side check). A
+    Cholesky and one eigenvalue-only solve cost about a third of two symmetric eigendecompositions.
     """
-    ev, vec = torch.linalg.eigh(g_a)
-    root = (vec * ev.clamp_min(0).sqrt().unsqueeze(-2)) @ vec.transpose(-2, -1)
-    sym = root @ g_b @ root
+    d = g_a.shape[-1]
+    eye = torch.eye(d, dtype=g_a.dtype, device=g_a.device)
+    scale = g_a.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(g_a.dtype).tiny)
+    jitter = 10 * torch.finfo(g_a.dtype).eps * scale
+    chol, _ = torch.linalg.cholesky_ex(g_a + jitter[..., None, None] * eye)
+    sym = chol.transpose(-2, -1) @ g_b @ chol
     sym = 0.5 * (sym + sym.transpose(-2, -1))
     return torch.linalg.eigvalsh(sym).clamp_min(0).sqrt().flip(-1)
+
+
+@dataclass
+class ChainPass:
+    """Everything one forward and one backward pass over a rescaling chain's squared weights gives.
+
+    Attributes:
+        masses: per hidden layer, per-unit path masses (see :func:`path_masses`).
+        path_norm_sq: squared ℓ2 path norm of the chain.
+        end_weights: the backward pass's starting weights over the chain's outputs.
+        raw_in, raw_out: per hidden layer, the raw squared norms of each unit's incoming (bias included) and outgoing
+            weights (their difference is the balancedness).
+        in_dirs, out_dirs: per hidden layer, ``(n, q)`` projections of each unit's incoming/outgoing direction (not
+            normalised): signed weights towards a side no symmetry acts on, squared-path profiles towards hidden units.
+        row_profile: ``(n_out, q)`` squared-path profiles of the last layer's rows.
+    """
+
+    masses: list[torch.Tensor]
+    path_norm_sq: torch.Tensor
+    end_weights: torch.Tensor
+    raw_in: list[torch.Tensor]
+    raw_out: list[torch.Tensor]
+    in_dirs: list[torch.Tensor]
+    out_dirs: list[torch.Tensor]
+    row_profile: torch.Tensor
+
+
+@torch.no_grad()
+def chain_pass(
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    kinds: Sequence[str],
+    in_blocks: Sequence[int],
+    p_first: torch.Tensor,
+    p_sq_in: torch.Tensor,
+    p_last: torch.Tensor,
+    p_sq_out: torch.Tensor,
+    end_norm: str = "none",
+    end_groups: int = 1,
+) -> ChainPass:
+    """All per-unit quantities of a rescaling chain in two passes over its squared weights (one matmul per layer
+    and direction, with the path-mass vector, a ones column and the projected profiles stacked side by side).
+
+    Args:
+        weights, biases, kinds, in_blocks: the chain's layers (see :class:`~shockmon.symmetry.ChainLayer`).
+        p_first: ``(d_in + has_bias, q)`` projection of the first layer's signed rows (bias last).
+        p_sq_in: ``(in_0, q)`` projection of the chain's input side for squared profiles.
+        p_last: ``(out_m * r, q)`` projection of the last layer's signed columns, ``r`` the kernel size (conv) or
+            ``in_blocks`` (Linear after Flatten).
+        p_sq_out: ``(out_m, q)`` projection of the chain's output side for squared profiles.
+        end_norm, end_groups: how the chain's output is normalised.
+    """
+    # Layout: stacked vectors are rows, (channels, units), so every product is ``x @ Sᵀ`` or ``z @ S`` with a thin
+    # left operand: on CPU those run 3-4x faster than the column layout ``S @ X`` (MKL's thin-GEMM paths).
+    m = len(weights) - 1
+    sq = [squared_operator(w, k, b) for w, k, b in zip(weights, kinds, in_blocks)]
+    sqb = [b.square() if b is not None else None for b in biases]
+    dtype, device = sq[0].dtype, sq[0].device
+    d0 = sq[0].shape[1]
+    if kinds[0] == "diag":
+        # a normalisation's channels are permuted together with its units: no fixed input side
+        p_sq_in = p_sq_in[:1].expand(d0, -1)
+    x = torch.cat([torch.ones(2, d0, dtype=dtype, device=device), p_sq_in.t()], dim=0)
+    hs, raw_in, in_dirs = [], [], []
+    h_nb = h = x[0]
+    y = x
+    for k in range(m + 1):
+        y = x @ sq[k].t()
+        h_nb = y[0]
+        h = h_nb + sqb[k] if sqb[k] is not None else h_nb
+        if k < m:
+            hs.append(h)
+            raw_in.append(y[1] + sqb[k] if sqb[k] is not None else y[1])
+            in_dirs.append(y[2:].t())
+            x = torch.cat([h[None], torch.ones_like(h)[None], y[2:]], dim=0)
+    row_profile = y[2:].t()
+    end = _end_weights(h, h_nb, end_norm, end_groups)
+    path_norm_sq = (h * end).sum()
+    z = torch.cat([end[None], torch.ones_like(end)[None], (end[:, None] * p_sq_out).t()], dim=0)
+    masses: list[torch.Tensor] = [end] * m
+    raw_out: list[torch.Tensor] = [end] * m
+    out_dirs: list[torch.Tensor] = [end] * m
+    for k in range(m, 0, -1):
+        y = z @ sq[k]
+        masses[k - 1] = hs[k - 1] * y[0]
+        raw_out[k - 1] = y[1]
+        out_dirs[k - 1] = y[2:].t()
+        z = torch.cat([y[:1], torch.ones_like(y[:1]), y[2:]], dim=0)
+    # signed directions towards the fixed sides
+    w0 = weights[0]
+    if kinds[0] == "diag":
+        first = w0[:, None] * p_first[0]
+    else:
+        w0f = w0.flatten(1)
+        first = (p_first[: w0f.shape[1]].t() @ w0f.t()).t()
+    if biases[0] is not None:
+        first = first + biases[0][:, None] * p_first[-1]
+    in_dirs[0] = first
+    wm = weights[m]
+    n_last = sq[m].shape[1]
+    wv = wm.reshape(wm.shape[0], n_last, -1)  # (out, n, r): kernel elements or flatten blocks
+    pv = (end.sqrt()[:, None] * p_last.view(wm.shape[0], -1)).view(wm.shape[0], wv.shape[2], -1)
+    if wv.shape[2] == 1:
+        out_dirs[m - 1] = (pv[:, 0, :].t() @ wm).t()
+    else:
+        out_dirs[m - 1] = torch.einsum("onr,orq->nq", wv, pv)
+    return ChainPass(masses, path_norm_sq, end, raw_in, raw_out, in_dirs, out_dirs, row_profile)

@@ -155,14 +155,19 @@ class Observer:
     def _chain(self, chain: RescaleChain, out: dict[str, torch.Tensor]) -> None:
         ws = [self._get(lay.weight) for lay in chain.layers]
         bs = [self._get(lay.bias) if lay.bias is not None else None for lay in chain.layers]
-        sq = [O.squared_operator(w, lay.kind, lay.in_blocks) for w, lay in zip(ws, chain.layers)]
-        sqb = [b.square() if b is not None else None for b in bs]
-        masses, pn2, end_w = O.path_masses(sq, sqb, chain.end_norm, chain.end_groups)
-        out[f"quotient/rescale/{chain.name}/path_norm"] = pn2.sqrt()
-        in_prof, out_prof = self._profiles(chain, ws, bs, sq, end_w)
+        first, last = chain.layers[0], chain.layers[-1]
+        d_first = (1 if first.kind == "diag" else ws[0][0].numel()) + (1 if bs[0] is not None else 0)
+        d_in = ws[0].shape[0] if first.kind == "diag" else ws[0].shape[1] // first.in_blocks
+        p_first, p_sq_in = self._projection(f"rescale-in/{chain.name}", d_first, d_in, ws[0].device)
+        p_last, p_sq_out = self._projection(f"rescale-out/{chain.name}", ws[-1].shape[0] * (ws[-1][0].numel()
+                                            // (ws[-1].shape[1] // last.in_blocks)), ws[-1].shape[0], ws[0].device)
+        cp = O.chain_pass(ws, bs, [lay.kind for lay in chain.layers], [lay.in_blocks for lay in chain.layers],
+                          p_first, p_sq_in, p_last, p_sq_out, chain.end_norm, chain.end_groups)
+        out[f"quotient/rescale/{chain.name}/path_norm"] = cp.path_norm_sq.sqrt()
+        self._row_profiles[last.path] = cp.row_profile
         for k, group in enumerate(chain.groups()):
             g = group.name
-            pi = masses[k]
+            pi = cp.masses[k]
             srt = pi.sort().values
             n = srt.numel()
             pre = f"quotient/rescale/{g}"
@@ -172,9 +177,7 @@ class Observer:
             out[f"{pre}/path_mass_median"] = srt[(n - 1) // 2]
             out[f"{pre}/path_mass_participation"] = O.participation_ratio(srt)
             # raw-side: balancedness of the raw parameters
-            raw_in = sq[k].sum(1) + (sqb[k] if sqb[k] is not None else 0)
-            raw_out = sq[k + 1].sum(0)
-            bal = raw_in - raw_out
+            bal = cp.raw_in[k] - cp.raw_out[k]
             out[f"raw/{g}/balancedness"] = bal.norm()
             prev = self._balancedness.get(g)
             if prev is not None and prev.shape == bal.shape:
@@ -183,60 +186,14 @@ class Observer:
                 out[f"dynamics/rescale/{g}/balancedness_drift"] = torch.full((), math.nan, dtype=self.dtype,
                                                                             device=bal.device)
             self._balancedness[g] = bal
-            units = torch.cat([0.25 * pi.clamp_min(1e-30).log()[:, None], in_prof[k], out_prof[k]], dim=1)
-            self._units[f"rescale/{g}"] = units
-            out[f"{pre}/direction_coherence"] = O.direction_coherence(units[:, 1:])
-
-    def _profiles(
-        self,
-        chain: RescaleChain,
-        ws: list[torch.Tensor],
-        bs: list[torch.Tensor | None],
-        sq: list[torch.Tensor],
-        end_w: torch.Tensor,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Unit directions, projected to ``proj_dim`` dimensions and normalised, for every hidden layer.
-
-        Towards a side that no symmetry acts on (the chain's input for the first hidden layer, its output for the last)
-        a unit's direction is its signed weight vector; towards a side of permutable hidden units it is the unit's
-        profile of squared path weights propagated to the chain's end (invariant under those units' rescaling and
-        permutation). Both are invariant under the unit's own rescaling (directions only).
-        """
-        m = len(chain.layers) - 1
-        lay0, last = chain.layers[0], chain.layers[m]
-        w0 = ws[0][:, None] if lay0.kind == "diag" else ws[0].flatten(1)
-        if bs[0] is not None:
-            w0 = torch.cat([w0, bs[0][:, None]], dim=1)
-        p_first, p_sq_in = self._projection(f"rescale-in/{chain.name}", w0.shape[1], sq[0].shape[1], w0.device)
-        n_last = ws[m].shape[1] // last.in_blocks if last.kind == "linear" else ws[m].shape[1]
-        wm = ws[m] * end_w.sqrt().view(-1, *([1] * (ws[m].dim() - 1)))
-        if last.kind == "conv":
-            cols = wm.transpose(0, 1).reshape(n_last, -1)
-        else:
-            cols = wm.view(wm.shape[0], n_last, last.in_blocks).transpose(0, 1).reshape(n_last, -1)
-        p_last, p_sq_out = self._projection(f"rescale-out/{chain.name}", cols.shape[1], sq[m].shape[0], w0.device)
-
-        def unit_rows(x: torch.Tensor) -> torch.Tensor:
-            return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-
-        if lay0.kind == "diag":
-            # a normalisation's channels are permuted together with its units: no fixed input side
-            p_sq_in = p_sq_in[:1].expand_as(p_sq_in)
-        ins = [unit_rows(w0 @ p_first)]
-        prof = sq[0] @ p_sq_in
-        for k in range(1, m + 1):
-            prof = sq[k] @ prof
-            if k < m:
-                ins.append(unit_rows(prof))
-        # rows of the last layer, seen through the hidden units: its invariant row directions (used when a
-        # normalisation makes those rows scale-free)
-        self._row_profiles[last.path] = prof
-        outs = [unit_rows(cols @ p_last)]
-        prof = sq[m].t() @ (end_w[:, None] * p_sq_out)
-        for k in range(m - 1, 0, -1):
-            prof = sq[k].t() @ prof
-            outs.insert(0, unit_rows(prof))
-        return ins, outs
+            dirs = torch.cat([cp.in_dirs[k], cp.out_dirs[k]], dim=1)
+            n_in = cp.in_dirs[k].norm(dim=1, keepdim=True).clamp_min(1e-30)
+            n_out = cp.out_dirs[k].norm(dim=1, keepdim=True).clamp_min(1e-30)
+            q = cp.in_dirs[k].shape[1]
+            dirs = torch.cat([dirs[:, :q] / n_in, dirs[:, q:] / n_out], dim=1)
+            # coordinates: [¼ log π (the log balanced norm for one hidden layer), incoming dir, outgoing dir]
+            self._units[f"rescale/{g}"] = torch.cat([0.25 * pi.clamp_min(1e-30).log()[:, None], dirs], dim=1)
+            out[f"{pre}/direction_coherence"] = O.direction_coherence(dirs)
 
     @torch.no_grad()
     def balanced(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -263,7 +220,7 @@ class Observer:
                 res[group.name] = {"scale": r[k].sqrt(), "in_sq": ins[k], "out_sq": outs[k]}
         return res
 
-    def _attention(self, spec: AttentionSpec, out: dict[str, torch.Tensor]) -> None:
+    def _attention(self, spec: AttentionSpec, out: dict[str, torch.Tensor], spectra: bool) -> None:
         h = spec.num_heads
         q, k, v, o = (self._get(r) for r in (spec.q, spec.k, spec.v, spec.o))
         qb = self._get(spec.q_bias) if spec.q_bias is not None else None
@@ -274,16 +231,22 @@ class Observer:
         go = O.head_grams(o, h, cols=True)
         units = []
         for fam, ga, gb in (("attention_qk", gq, gk), ("attention_vo", gv, go)):
-            norms = O.gram_pair_norms(ga, gb)
-            sv = O.gram_pair_singular_values(ga, gb)
+            # M = G_a G_b has the squared singular values of the head's product as eigenvalues:
+            # tr M = Σσ², tr M² = Σσ⁴ -- invariants without an eigensolver
+            mm = ga @ gb
+            s2 = mm.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0)
+            s4 = (mm * mm.transpose(-2, -1)).sum((-2, -1)).clamp_min(1e-30)
+            norms = s2.sqrt()
             pre = f"quotient/{fam}/{spec.name}"
             out[f"{pre}/head_norms/sorted"] = norms.sort().values
-            out[f"{pre}/norm"] = norms.square().sum().sqrt()
+            out[f"{pre}/norm"] = s2.sum().sqrt()
             out[f"{pre}/max_head"] = norms.max()
-            out[f"{pre}/singular_values/sorted"] = sv.flatten().sort().values
-            out[f"{pre}/top_singular"] = sv[:, 0].max()
-            top = sv[:, : min(3, sv.shape[1])]
-            units.append(top.clamp_min(1e-30).log())
+            out[f"{pre}/effective_rank"] = (s2.square() / s4).mean()
+            if spectra:
+                sv = O.gram_pair_singular_values(ga, gb)
+                out[f"{pre}/singular_values/sorted"] = sv.flatten().sort().values
+                out[f"{pre}/top_singular"] = sv[:, 0].max()
+            units.append(torch.stack([0.5 * s2.clamp_min(1e-30).log(), 0.25 * s4.log()], dim=1))
         self._units[f"attention/{spec.name}"] = torch.cat(units, dim=1)
         for name, g in (("q", gq), ("k", gk), ("v", gv), ("o", go)):
             out[f"raw/{spec.name}/{name}"] = g.diagonal(dim1=-2, dim2=-1).sum().sqrt()
@@ -331,11 +294,14 @@ class Observer:
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
-    def compute(self, lr: float | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def compute(self, lr: float | torch.Tensor | None = None, *, spectra: bool = True) -> dict[str, torch.Tensor]:
         """All observables now, as device tensors (0-d scalars; 1-D for sorted per-unit multisets).
 
         Args:
             lr: the current learning rate, for ``dynamics/.../effective_lr`` (omitted when None).
+            spectra: also compute the attention singular-value spectra (``singular_values/sorted``, ``top_singular``:
+                small batched eigenproblems, about a sixth of the cost). A per-step caller that logs only every few
+                steps passes ``spectra=False`` between log steps; every other key is always present.
         """
         out: dict[str, torch.Tensor] = {}
         if self._raw_names:
@@ -347,7 +313,7 @@ class Observer:
         for chain in self.report.chains:
             self._chain(chain, out)
         for att in self.report.attentions:
-            self._attention(att, out)
+            self._attention(att, out, spectra)
         for ns in self.report.norm_scales:
             self._normscale(ns, out, lr)
         return out
@@ -358,7 +324,8 @@ class Observer:
 
         Groups: ``rescale/<layer>`` (``[¼ log π_i, incoming direction, outgoing direction]``, π the path mass, so the
         first coordinate is the log balanced norm for a single hidden layer; see ``_profiles`` for the directions),
-        ``attention/<module>`` (log of each head's top singular values of ``W_Q W_Kᵀ`` and ``W_V W_O``),
+        ``attention/<module>`` (per head ``[½ log Σσ², ¼ log Σσ⁴]`` of ``W_Q W_Kᵀ`` and of ``W_V W_O``, σ the
+        singular values),
         ``normscale/<module>`` for per-row normalised weights (projected row directions). Invariant under the
         continuous symmetries, equivariant under permutations. Uses the last :meth:`compute` when there was one since
         the parameters last changed; call :meth:`compute` first for fresh values.
@@ -422,11 +389,13 @@ class Observer:
     def trajectory(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The trajectory on the quotient: log of every scalar ``quotient/`` value, in a fixed key order.
 
-        The key order is fixed at the first call (sorted keys); later calls use the same order.
+        The key order is fixed at the first call (sorted keys); later calls use the same order. Keys that only
+        ``compute(spectra=True)`` gives are left out, so the vector has the same length at every step.
         """
         if self._trajectory_keys is None:
             self._trajectory_keys = sorted(
-                k for k, v in values.items() if k.startswith("quotient/") and v.dim() == 0 and not k.endswith("grad_norm")
+                k for k, v in values.items()
+                if k.startswith("quotient/") and v.dim() == 0 and not k.endswith(("grad_norm", "top_singular"))
             )
         if not self._trajectory_keys:
             return torch.zeros(0, dtype=self.dtype, device=self._device())

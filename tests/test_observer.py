@@ -146,6 +146,15 @@ def test_observer_attention_matches_dense_product() -> None:
     torch.testing.assert_close(vals["quotient/attention_qk/model/head_norms/sorted"], norms.detach())
     sv = torch.linalg.svdvals(dense)[:, :dh].flatten().sort().values
     torch.testing.assert_close(vals["quotient/attention_qk/model/singular_values/sorted"], sv.detach(), rtol=1e-6, atol=1e-8)
+    s = torch.linalg.svdvals(dense)
+    eff = (s.square().sum(1).square() / s.pow(4).sum(1)).mean()
+    torch.testing.assert_close(vals["quotient/attention_qk/model/effective_rank"], eff.detach())
+    # without spectra: the same keys less the two spectral ones, and the same trajectory length
+    obs = Observer(a)
+    cheap = obs.compute(spectra=False)
+    assert set(vals) - set(cheap) == {f"quotient/{f}/model/{k}" for f in ("attention_qk", "attention_vo")
+                                      for k in ("singular_values/sorted", "top_singular")}
+    assert obs.trajectory(cheap).shape == obs.trajectory(obs.compute()).shape
 
 
 def test_observer_grad_observables_invariant() -> None:
