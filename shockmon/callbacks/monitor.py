@@ -54,31 +54,31 @@ class ShockMonitor(Callback):
     :class:`~shockmon.ShockEarlyStopping`. At the end of training a last read logs what happened after the last log
     step. Validation, test, predict and sanity checking are not observed.
 
-    Logged tags (``<prefix>`` is ``shockmon`` by default; step = ``trainer.global_step``):
+    Logged tags (``<prefix>`` is ``shockmon`` by default; the step is ``trainer.global_step``):
 
-    ======================================================  =========================================================
-    tag                                                     meaning
-    ======================================================  =========================================================
-    ``<prefix>/quotient/<family>/<module>/<name>``          quotient (symmetry-invariant) observable, a scalar
-    ``<prefix>/quotient/grad/<group>``                      quotient gradient norm of a group (before the step)
-    ``<prefix>/raw/<module>/<name>``                        the naive (not invariant) counterpart
-    ``<prefix>/dynamics/...``                               observables that need history (angular step, eff. LR)
-    ``<prefix>/forecast/<group>``                           steps until the forecast shock of a group (``inf``: none)
-    ``<prefix>/viscosity/<group>``                          estimated viscosity ν of a group
-    ``<prefix>/state/<group>``                              0 before, 1 shock imminent, 2 in shock
-    ``<prefix>/burgers_consistency``                        how Burgers-like (Riccati-consistent) the run is
-    ``<prefix>/steps_to_shock``                             minimum of the forecasts (also in ``callback_metrics``
-                                                            and on the progress bar)
-    ``<prefix>/shock``                                      1 while a shock is active (also in ``callback_metrics``)
-    ``<prefix>/alerts``                                     events so far (also in ``callback_metrics``)
-    ``<prefix>/alerts/<group>``                             events so far in a group
-    ======================================================  =========================================================
+    ============================================  ======================================================
+    tag                                           meaning
+    ============================================  ======================================================
+    ``<prefix>/quotient/<family>/<module>/<n>``   a quotient (symmetry-invariant) observable
+    ``<prefix>/quotient/<family>/<g>/grad_norm``  quotient gradient norm of a group (before the step)
+    ``<prefix>/raw/<parameter or module>...``     the naive (not invariant) counterparts
+    ``<prefix>/dynamics/...``                     observables that need history (drift, effective LR)
+    ``<prefix>/forecast/<group>``                 steps until the group's forecast shock (inf: none)
+    ``<prefix>/viscosity/<group>``                estimated viscosity of the group
+    ``<prefix>/state/<group>``                    0 before, 1 shock imminent, 2 in shock
+    ``<prefix>/burgers_consistency``              how Burgers-like (Riccati-consistent) the run is
+    ``<prefix>/steps_to_shock``                   minimum of the forecasts [#cm]_ (and the progress bar)
+    ``<prefix>/shock``                            1 while a shock is active [#cm]_
+    ``<prefix>/alerts``                           events so far [#cm]_
+    ``<prefix>/alerts/<group>``                   events so far in the group
+    ============================================  ======================================================
 
-    TensorBoard loggers additionally get: the text ``<prefix>/alert_text`` (a markdown table per log step with new
-    events: kind, group, view, forecast shock step, lead, strength, units), the text ``<prefix>/symmetry_report``
-    (at fit start), histograms ``<prefix>/quotient/.../sorted`` of per-unit invariants (every
-    ``histogram_every_n_steps``) and a custom-scalars layout (quotient beside raw per module; forecast beside alerts
-    per group).
+    .. [#cm] also in ``trainer.callback_metrics`` (for ``EarlyStopping``, ``ModelCheckpoint``).
+
+    TensorBoard loggers also get the texts ``<prefix>/alert_text`` (a markdown table of the new events at each log
+    step: kind, group, view, forecast shock step, lead, strength, units) and ``<prefix>/symmetry_report`` (at fit
+    start), histograms ``<prefix>/quotient/.../sorted`` of per-unit invariants (``histogram_every_n_steps``) and a
+    custom-scalars layout: quotient beside raw per module, forecast beside alerts per group.
 
     Args:
         log_every_n_steps: read back and log every this many optimizer steps; ``None``: the Trainer's
@@ -121,7 +121,7 @@ class ShockMonitor(Callback):
         _check_int("histogram_every_n_steps", histogram_every_n_steps, 0, allow_none=True)
         _check_int("every_n_steps", every_n_steps, 1)
         _check_int("horizon", horizon, 1)
-        _check_int("window", window, 2)
+        _check_int("window", window, 3)
         _check_int("max_events", max_events, 0)
         if not isinstance(prefix, str) or not prefix or prefix != prefix.strip("/ "):
             raise ValueError(
@@ -141,6 +141,7 @@ class ShockMonitor(Callback):
         self.max_events = max_events
         self.tracker_kwargs = dict(tracker_kwargs or {})
         self.observer_kwargs = dict(observer_kwargs or {})
+        self._make_tracker()  # validates the tracker's arguments now, not at fit time
 
         self._observer: Observer | None = None
         self._tracker: BurgersTracker | None = None
@@ -315,7 +316,7 @@ class ShockMonitor(Callback):
         self._pending_observer_state = None
         report = self._observer.report
         if self.print_summary:
-            rank_zero_info(f"shockmon: symmetries of {type(pl_module).__name__}\n{report}")
+            rank_zero_info(str(report))
         if trainer.is_global_zero:
             for writer in tb.tensorboard_writers(trainer.loggers):
                 writer.add_text(f"{self.prefix}/symmetry_report", tb.report_markdown(report), trainer.global_step)
@@ -368,11 +369,15 @@ class ShockMonitor(Callback):
     def _observe(self, trainer: pl.Trainer, step: int) -> None:
         """The per-step path: device tensors only, no host sync."""
         assert self._observer is not None and self._tracker is not None
-        values = self._observer.compute()
+        lr = self._lr(trainer)
+        values = self._observer.compute(lr=lr)
         trajectory = self._observer.trajectory(values)
         values.update(self._pending_grads)
         self._pending_grads = {}
-        self._tracker.update(step, self._observer.units(), trajectory=trajectory, lr=self._lr(trainer))
+        groups = self._observer.units()
+        trajectory = trajectory if trajectory.numel() else None  # shapes are host metadata: no sync
+        if groups or trajectory is not None:  # a model with no symmetry has nothing to track, only raw values
+            self._tracker.update(step, groups, trajectory=trajectory, lr=lr)
         self._values = values
         self._values_step = step
         self._observations += 1

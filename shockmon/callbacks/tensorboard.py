@@ -76,13 +76,11 @@ def report_markdown(report: Any) -> str:
     return text
 
 
-def _split_observable(tag: str, prefix: str) -> tuple[str, str] | None:
-    """``(kind, module path)`` of a ``<prefix>/quotient/<family>/<path>/<name>`` or ``<prefix>/raw/<path>/<name>``."""
+def _module_path(tag: str, prefix: str) -> str | None:
+    """The module of a ``<prefix>/quotient/<family>/<module>/<name>`` tag (``None`` for other tags)."""
     parts = tag[len(prefix) + 1 :].split("/")
-    if parts[0] == "quotient" and len(parts) >= 4 and parts[1] != "grad":
-        return "quotient", parts[2]
-    if parts[0] == "raw" and len(parts) >= 3:
-        return "raw", parts[1]
+    if parts[0] == "quotient" and len(parts) >= 4:
+        return parts[2]
     return None
 
 
@@ -100,40 +98,32 @@ def custom_scalars_layout(tags: Iterable[str], groups: Iterable[str], prefix: st
 
     Example:
         >>> lay = custom_scalars_layout(
-        ...     ["shockmon/quotient/rescaling/mlp.0/path_norm", "shockmon/raw/mlp.0/weight_norm"], ["mlp.0"])
+        ...     ["shockmon/quotient/rescale/mlp.0/path_mass_max", "shockmon/raw/mlp.0.weight"], ["rescale/mlp.0"])
         >>> lay["shockmon: quotient vs raw"]["mlp.0"]
-        ['Multiline', ['^shockmon/quotient/[^/]+/mlp\\\\.0/', '^shockmon/raw/mlp\\\\.0/']]
-        >>> lay["shockmon: forecasts and alerts"]["mlp.0"][1][0]
-        '^shockmon/forecast/mlp\\\\.0$'
+        ['Multiline', ['^shockmon/quotient/[^/]+/mlp\\\\.0/', '^shockmon/raw/mlp\\\\.0[./]']]
+        >>> lay["shockmon: forecasts and alerts"]["rescale/mlp.0"][1][0]
+        '^shockmon/forecast/rescale/mlp\\\\.0$'
     """
     p = regex_escape(prefix)
-    paths: dict[str, None] = {}
-    has_grad = has_dynamics = False
-    for tag in tags:
-        split = _split_observable(tag, prefix)
-        if split is not None:
-            paths.setdefault(split[1])
-        has_grad = has_grad or tag.startswith(f"{prefix}/quotient/grad/")
-        has_dynamics = has_dynamics or tag.startswith(f"{prefix}/dynamics/")
+    tags = list(tags)
+    paths = dict.fromkeys(m for m in (_module_path(t, prefix) for t in tags) if m is not None)
+    # A module's raw tags: ``raw/<module>/<name>`` and its parameters' ``raw/<module>.<param>``.
     quotient_vs_raw = {
-        path: ["Multiline", [f"^{p}/quotient/[^/]+/{regex_escape(path)}/", f"^{p}/raw/{regex_escape(path)}/"]]
+        path: ["Multiline", [f"^{p}/quotient/[^/]+/{regex_escape(path)}/", f"^{p}/raw/{regex_escape(path)}[./]"]]
         for path in paths
     }
-    forecasts = {
-        g: [
-            "Multiline",
-            [f"^{p}/forecast/{regex_escape(g)}$", f"^{p}/alerts/{regex_escape(g)}$", f"^{p}/state/{regex_escape(g)}$"],
-        ]
-        for g in groups
-    }
+    if not quotient_vs_raw and any(t.startswith(f"{prefix}/raw/") for t in tags):
+        quotient_vs_raw["raw (no symmetry found)"] = ["Multiline", [f"^{p}/raw/"]]
+    forecasts = {}
+    for g in groups:
+        e = regex_escape(g)
+        forecasts[g] = ["Multiline", [f"^{p}/forecast/{e}$", f"^{p}/alerts/{e}$", f"^{p}/state/{e}$"]]
     tracker = {
         "steps to shock, shock, alerts": ["Multiline", [f"^{p}/steps_to_shock$", f"^{p}/shock$", f"^{p}/alerts$"]],
         "viscosity": ["Multiline", [f"^{p}/viscosity/"]],
         "Burgers consistency": ["Multiline", [f"^{p}/burgers_consistency$"]],
     }
-    if has_grad:
-        tracker["quotient gradient norms"] = ["Multiline", [f"^{p}/quotient/grad/"]]
-    if has_dynamics:
+    if any(t.startswith(f"{prefix}/dynamics/") for t in tags):
         tracker["dynamics"] = ["Multiline", [f"^{p}/dynamics/"]]
     layout: dict[str, Any] = {}
     if quotient_vs_raw:
