@@ -344,12 +344,17 @@ def format_summary(r: DemoResult, max_events: int = 12) -> str:
     return "\n".join(lines)
 
 
-def cli_main(args: list[str] | None = None) -> Any:
-    """``python -m shockmon.demo fit --config configs/grokking_mlp.yaml``: the demo through ``LightningCLI``."""
+def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
+    """``python -m shockmon.demo fit --config configs/grokking_mlp.yaml``: the demo through ``LightningCLI``.
+
+    Needs ``jsonargparse[signatures]`` (Lightning's CLI extra). ``run=False`` only builds the objects.
+    """
     from lightning.pytorch.cli import LightningCLI
 
     torch.set_flush_denormal(True)
-    return LightningCLI(GrokkingModule, ModularAddition, args=args, save_config_kwargs={"overwrite": True})
+    return LightningCLI(
+        GrokkingModule, ModularAddition, args=args, run=run, save_config_kwargs={"overwrite": True}
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover
