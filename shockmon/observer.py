@@ -12,8 +12,9 @@ Keys of :meth:`Observer.compute`:
     squares over heads), ``max_head``, ``singular_values/sorted`` (all heads' singular values, ascending),
     ``top_singular``.
 ``quotient/normscale/<module>/direction_coherence``
-    for weights read through a normalisation: mean squared cosine between row directions (rows, groups) or, for a
-    whole-tensor scale, between the tensor's rows after the common scale is removed.
+    for weights read through a normalisation: mean squared cosine between the (randomly projected) directions of its
+    rows; rows that read hidden units of a rescaling chain are taken through their squared-path profiles, which do
+    not move under those units' rescaling.
 ``raw/<parameter>``
     Frobenius norm of every trainable parameter; ``raw/<module>/{q,k,v,o}`` for attention projections (slices of fused
     weights included); ``raw/<layer>/balancedness`` (``‖(‖w_in,i‖² − ‖w_out,i‖²)_i‖``, not an invariant).
@@ -26,22 +27,27 @@ Keys of :meth:`Observer.compute`:
 Every ``quotient/`` value is invariant under the whole group it names, permutations included (vectors come sorted).
 :meth:`Observer.units` gives per-unit coordinates in module order (rescale-invariant, permutation-equivariant) for the
 tracker.
+
+Sharded parameters (FSDP2 ``fully_shard``: DTensor ``Shard(0)``) are handled without gathering them: every family is
+computed from the rows a rank holds as partial sums that one SUM all-reduce of a flat buffer completes, per round
+(one round unless a rescaling chain has more than one hidden layer or feeds a normalisation: see
+:func:`shockmon.observables.chain_rounds`). :attr:`Observer.rows` counts the bytes and rounds.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from shockmon import observables as O
+from shockmon.shards import ParamRows, Reducer
 from shockmon.symmetry import (
     AttentionSpec,
-    ChainLayer,
     Declaration,
     NormScaleSpec,
     RescaleChain,
@@ -52,6 +58,8 @@ from shockmon.symmetry import (
 __all__ = ["Observer"]
 
 _STATE_VERSION = 1
+_TINY = 1e-30
+Gen = Generator[list[torch.Tensor], list[torch.Tensor], Any]
 
 
 def _seed_for(name: str, seed: int) -> int:
@@ -61,6 +69,14 @@ def _seed_for(name: str, seed: int) -> int:
 def _gaussian(shape: tuple[int, ...], name: str, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     g = torch.Generator().manual_seed(_seed_for(name, seed))
     return (torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(shape[-1])).to(dtype=dtype, device=device)
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(_TINY)
+
+
+def _nan(like: torch.Tensor) -> torch.Tensor:
+    return torch.full((), math.nan, dtype=like.dtype, device=like.device)
 
 
 class Observer:
@@ -75,11 +91,17 @@ class Observer:
         proj_dim: each per-unit direction is randomly projected to this many dimensions (fixed Gaussian projections,
             seeded): rescaling units get ``D = 1 + 2 * proj_dim`` coordinates (a log-size coordinate, the incoming and
             the outgoing direction), norm-scaled rows ``D = proj_dim``.
-        balance_sweeps: Gauss–Seidel sweeps towards the balanced representative per call (warm-started from the last
-            call; one sweep is exact for a single hidden layer).
+        balance_sweeps: Gauss–Seidel sweeps towards the balanced representative per :meth:`balanced` call
+            (warm-started from the last call; one sweep is exact for a single hidden layer).
         angular_step: also report the angle between consecutive directions of norm-scaled weights. This keeps the
-            previous direction of those weights (memory the size of those weights), so it is off by default.
+            previous value of those weights (the rows this rank holds), so it is off by default.
         seed: seed of the fixed random projections.
+        reduce: completes partial sums across ranks in place (a SUM all-reduce of one flat tensor). Default: the
+            shards' process group when parameters are sharded DTensors, nothing otherwise.
+
+    Raises:
+        TypeError, ValueError: bad arguments (named in the message); a sharding that splits an attention head's rows
+            across ranks.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -103,6 +125,7 @@ class Observer:
         balance_sweeps: int = 2,
         angular_step: bool = False,
         seed: int = 0,
+        reduce: Reducer | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected argument `model` to be a torch.nn.Module, but got {type(model).__name__}")
@@ -115,6 +138,8 @@ class Observer:
                 raise ValueError(f"Expected argument `{arg}` to be an integer >= {lo}, but got {val!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"Expected argument `seed` to be an integer, but got {seed!r}")
+        if reduce is not None and not callable(reduce):
+            raise TypeError(f"Expected argument `reduce` to be callable, but got {type(reduce).__name__}")
         self.model = model
         self.report = report if report is not None else discover(model, extra=extra)
         self.proj_dim = proj_dim
@@ -122,52 +147,166 @@ class Observer:
         self.angular_step = bool(angular_step)
         self.seed = seed
         self._params: dict[str, torch.Tensor] = dict(model.named_parameters())
+        #: row access to the parameters, local shards included; counts the bytes all-reduced (``rows.bytes``)
+        self.rows = ParamRows(self._params, reduce)
         if dtype is None:
             dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params.values()) else torch.float32
         self.dtype = dtype
         self._raw_names = [n for n in self.report.parameters if n in self._params]
+        self._check_heads()
         # state across calls: O(units)
         self._r: dict[str, list[torch.Tensor]] = {}
         self._balancedness: dict[str, torch.Tensor] = {}
-        self._prev_dir: dict[str, torch.Tensor] = {}
+        self._prev_w: dict[str, torch.Tensor] = {}
         self._proj: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._units: dict[str, torch.Tensor] = {}
-        self._row_profiles: dict[str, torch.Tensor] = {}
         self._trajectory_keys: list[str] | None = None
 
     # ------------------------------------------------------------------ helpers
-    def _get(self, ref: Any) -> torch.Tensor:
-        return ref.get(self._params).detach().to(self.dtype)
+    def _check_heads(self) -> None:
+        for att in self.report.attentions:
+            for arg in ("q", "k", "v"):
+                ref = getattr(att, arg)
+                _, (lo, hi, n) = self.rows.rows(ref, self.dtype)
+                dh = n // att.num_heads
+                if hi > lo and (lo % dh or (hi % dh and hi != n)):
+                    raise ValueError(
+                        f"the shards of {ref} split an attention head of {att.name!r} (rows [{lo}, {hi}) held here, "
+                        f"d_head={dh}): shard so that {att.num_heads} heads fall on whole row blocks (e.g. a world size "
+                        "dividing the number of heads) or declare the projections separately"
+                    )
 
     def _device(self) -> torch.device:
-        return next(iter(self._params.values())).device
+        return self.rows.local(next(iter(self._params))).device
 
-    def _projection(self, key: str, d_in: int, d_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _projection(self, key: str, d_in: int, d_out: int, device: torch.device, k: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.proj_dim if k is None else k
         p = self._proj.get(key)
-        if p is None or p[0].shape[0] != d_in or p[1].shape[0] != d_out or p[0].device != device:
-            k = self.proj_dim
+        if p is None or p[0].shape != (d_in, k) or p[1].shape[0] != d_out or p[0].device != device:
             full = _gaussian((d_in + d_out, k), key, self.seed, self.dtype, device)
             p = (full[:d_in], full[d_in:])
             self._proj[key] = p
         return p
 
-    # ------------------------------------------------------------------ families
-    def _chain(self, chain: RescaleChain, out: dict[str, torch.Tensor]) -> None:
-        ws = [self._get(lay.weight) for lay in chain.layers]
-        bs = [self._get(lay.bias) if lay.bias is not None else None for lay in chain.layers]
+    def _drive(self, gens: dict[str, Gen]) -> dict[str, Any]:
+        """Run generators of partial sums round by round, one reduce per round for all of them."""
+        pending: dict[str, tuple[Gen, list[torch.Tensor]]] = {}
+        done: dict[str, Any] = {}
+        for key, gen in gens.items():
+            try:
+                pending[key] = (gen, next(gen))
+            except StopIteration as stop:
+                done[key] = stop.value
+        while pending:
+            keys = list(pending)
+            reduced = self.rows.reduce([t for k in keys for t in pending[k][1]])
+            i = 0
+            for key in keys:
+                gen, parts = pending[key]
+                got, i = reduced[i : i + len(parts)], i + len(parts)
+                try:
+                    pending[key] = (gen, gen.send(got))
+                except StopIteration as stop:
+                    done[key] = stop.value
+                    del pending[key]
+        return done
+
+    # ------------------------------------------------------------------ partial sums, family by family
+    def _raw_gen(self) -> Gen:
+        tensors = [self.rows.local(n) for n in self._raw_names]
+        norms = torch._foreach_norm(tensors, 2, dtype=self.dtype)
+        if not self.rows.sharded:
+            return list(norms)
+        (sq,) = yield [torch.stack(norms).square()]
+        return list(sq.sqrt())
+
+    def _chain_gen(self, chain: RescaleChain) -> Gen:
+        ws, bs, spans = [], [], []
+        for lay in chain.layers:
+            w, span = self.rows.rows(lay.weight, self.dtype)
+            ws.append(w)
+            spans.append(span)
+            bs.append(self.rows.rows(lay.bias, self.dtype)[0] if lay.bias is not None else None)
         first, last = chain.layers[0], chain.layers[-1]
-        d_first = (1 if first.kind == "diag" else ws[0][0].numel()) + (1 if bs[0] is not None else 0)
-        d_in = ws[0].shape[0] if first.kind == "diag" else ws[0].shape[1] // first.in_blocks
-        p_first, p_sq_in = self._projection(f"rescale-in/{chain.name}", d_first, d_in, ws[0].device)
-        p_last, p_sq_out = self._projection(f"rescale-out/{chain.name}", ws[-1].shape[0] * (ws[-1][0].numel()
-                                            // (ws[-1].shape[1] // last.in_blocks)), ws[-1].shape[0], ws[0].device)
-        cp = O.chain_pass(ws, bs, [lay.kind for lay in chain.layers], [lay.in_blocks for lay in chain.layers],
-                          p_first, p_sq_in, p_last, p_sq_out, chain.end_norm, chain.end_groups)
-        out[f"quotient/rescale/{chain.name}/path_norm"] = cp.path_norm_sq.sqrt()
-        self._row_profiles[last.path] = cp.row_profile
+        row_size = [math.prod(w.shape[1:]) for w in ws]
+        d_first = (1 if first.kind == "diag" else row_size[0]) + (1 if bs[0] is not None else 0)
+        d_in = spans[0][2] if first.kind == "diag" else ws[0].shape[1] // first.in_blocks
+        n_in_last = ws[-1].shape[1] // last.in_blocks if last.kind == "linear" else ws[-1].shape[1]
+        dev = ws[0].device
+        p_first, p_sq_in = self._projection(f"rescale-in/{chain.name}", d_first, d_in, dev)
+        p_last, p_sq_out = self._projection(f"rescale-out/{chain.name}", spans[-1][2] * row_size[-1] // n_in_last,
+                                            spans[-1][2], dev)
+        return (yield from O.chain_rounds(ws, bs, spans, [lay.kind for lay in chain.layers],
+                                          [lay.in_blocks for lay in chain.layers], p_first, p_sq_in, p_last, p_sq_out,
+                                          chain.end_norm, chain.end_groups))
+
+    def _head_gram(self, ref: Any, heads: int) -> torch.Tensor:
+        w, (lo, hi, n) = self.rows.rows(ref, self.dtype)
+        dh = n // heads
+        if hi <= lo:
+            return w.new_zeros(heads, dh, dh)
+        return O.place(O.head_grams(w, (hi - lo) // dh), (lo // dh, hi // dh, heads), dim=0)
+
+    def _placed(self, ref: Any) -> torch.Tensor:
+        b, span = self.rows.rows(ref, self.dtype)
+        return O.place(b, span, dim=0)
+
+    def _attention_gen(self, spec: AttentionSpec) -> Gen:
+        h = spec.num_heads
+        grams = [self._head_gram(r, h) for r in (spec.q, spec.k, spec.v)]
+        o, _ = self.rows.rows(spec.o, self.dtype)
+        grams.append(O.head_grams(o, h, cols=True))  # rows of O are output features: a sum over them
+        biases = [self._placed(r) for r in (spec.q_bias, spec.v_bias) if r is not None]
+        got = yield grams + biases
+        gq, gk, gv, go = got[:4]
+        rest = list(got[4:])
+        if spec.q_bias is not None:
+            bq = rest.pop(0).view(h, -1, 1)
+            gq = gq + bq @ bq.transpose(1, 2)
+        if spec.v_bias is not None:
+            bv = rest.pop(0).view(h, -1, 1)
+            gv = gv + bv @ bv.transpose(1, 2)
+        return gq, gk, gv, go
+
+    def _normscale_gen(self, spec: NormScaleSpec, profiled: bool) -> Gen:
+        w, (r0, r1, n) = self.rows.rows(spec.weight, self.dtype)
+        w = w.flatten(1) if w.dim() > 1 else w[:, None]
+        if spec.per != "row" and spec.bias is not None:
+            w = torch.cat([w, self.rows.rows(spec.bias, self.dtype)[0][:, None]], 1)
+        parts: list[torch.Tensor] = [w.square().sum()[None]]
+        if not profiled:
+            p, _ = self._projection(f"normscale/{spec.name}", w.shape[1], 0, w.device, max(16, self.proj_dim))
+            parts.append(O.place(_unit_rows(w) @ p, (r0, r1, n), dim=0))
+        prev = self._prev_w.get(spec.name) if self.angular_step else None
+        ang = self.angular_step and prev is not None and prev.shape == w.shape
+        if ang:
+            if spec.per == "row":
+                cos = (w * prev).sum(1) / (w.norm(dim=1) * prev.norm(dim=1)).clamp_min(_TINY)  # type: ignore[union-attr]
+                parts.append(cos.sum()[None])
+            else:
+                groups = spec.groups if spec.per == "group" else 1
+                idx = (torch.arange(r0, r1, device=w.device) * groups) // max(n, 1)
+                stats = torch.stack([(w * prev).sum(1), w.square().sum(1), prev.square().sum(1)])  # type: ignore[union-attr]
+                parts.append(torch.zeros(3, groups, dtype=w.dtype, device=w.device).index_add_(1, idx, stats))
+        if self.angular_step:
+            self._prev_w[spec.name] = w.clone()
+        got = yield parts
+        res: dict[str, Any] = {"sq_norm": got[0][0]}
+        if not profiled:
+            res["proj"] = got[1]
+        if ang:
+            g = got[-1]
+            res["cos"] = g[0] / n if spec.per == "row" else (g[0] / (g[1] * g[2]).sqrt().clamp_min(_TINY)).mean()
+        return res
+
+    # ------------------------------------------------------------------ finishing (complete values, no more comm)
+    def _finish_chain(self, chain: RescaleChain, cp: O.ChainPass, out: dict[str, torch.Tensor]) -> None:
+        out[f"quotient/rescale/{chain.name}/path_norm"] = cp.path_norm_sq.clamp_min(0).sqrt()
+        if cp.row_profile is not None:
+            self._row_profiles[chain.layers[-1].path] = cp.row_profile
         for k, group in enumerate(chain.groups()):
-            g = group.name
-            pi = cp.masses[k]
+            g, pi = group.name, cp.masses[k]
             srt = pi.sort().values
             n = srt.numel()
             pre = f"quotient/rescale/{g}"
@@ -176,66 +315,27 @@ class Observer:
             out[f"{pre}/path_mass_max"] = srt[-1]
             out[f"{pre}/path_mass_median"] = srt[(n - 1) // 2]
             out[f"{pre}/path_mass_participation"] = O.participation_ratio(srt)
-            # raw-side: balancedness of the raw parameters
-            bal = cp.raw_in[k] - cp.raw_out[k]
+            bal = cp.raw_in[k] - cp.raw_out[k]  # raw-side: balancedness of the raw parameters
             out[f"raw/{g}/balancedness"] = bal.norm()
             prev = self._balancedness.get(g)
-            if prev is not None and prev.shape == bal.shape:
-                out[f"dynamics/rescale/{g}/balancedness_drift"] = (bal - prev).norm()
-            else:
-                out[f"dynamics/rescale/{g}/balancedness_drift"] = torch.full((), math.nan, dtype=self.dtype,
-                                                                            device=bal.device)
+            ok = prev is not None and prev.shape == bal.shape
+            out[f"dynamics/rescale/{g}/balancedness_drift"] = (bal - prev).norm() if ok else _nan(bal)  # type: ignore[operator]
             self._balancedness[g] = bal
-            dirs = torch.cat([cp.in_dirs[k], cp.out_dirs[k]], dim=1)
-            n_in = cp.in_dirs[k].norm(dim=1, keepdim=True).clamp_min(1e-30)
-            n_out = cp.out_dirs[k].norm(dim=1, keepdim=True).clamp_min(1e-30)
-            q = cp.in_dirs[k].shape[1]
-            dirs = torch.cat([dirs[:, :q] / n_in, dirs[:, q:] / n_out], dim=1)
+            dirs = torch.cat([_unit_rows(cp.in_dirs[k]), _unit_rows(cp.out_dirs[k])], dim=1)
             # coordinates: [¼ log π (the log balanced norm for one hidden layer), incoming dir, outgoing dir]
-            self._units[f"rescale/{g}"] = torch.cat([0.25 * pi.clamp_min(1e-30).log()[:, None], dirs], dim=1)
+            self._units[f"rescale/{g}"] = torch.cat([0.25 * pi.clamp_min(_TINY).log()[:, None], dirs], dim=1)
             out[f"{pre}/direction_coherence"] = O.direction_coherence(dirs)
 
-    @torch.no_grad()
-    def balanced(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The canonical balanced representative of every rescaling chain.
-
-        Returns ``group -> {"scale": s, "in_sq": ‖w̃_in‖², "out_sq": ‖w̃_out‖²}`` where unit ``i`` is rescaled by
-        ``s_i`` (``w_in → s w_in``, ``w_out → w_out / s``) so that ``‖w̃_in,i‖ = ‖w̃_out,i‖`` for every unit at once.
-        Sweeps are warm-started from the previous call (``balance_sweeps`` per call; exact in one sweep for a single
-        hidden layer). A downstream normalisation's scale is divided out first, so the result is invariant under it.
-        """
-        res: dict[str, dict[str, torch.Tensor]] = {}
-        for chain in self.report.chains:
-            ws = [self._get(lay.weight) for lay in chain.layers]
-            sq = [O.squared_operator(w, lay.kind, lay.in_blocks) for w, lay in zip(ws, chain.layers)]
-            sqb = [self._get(lay.bias).square() if lay.bias is not None else None for lay in chain.layers]
-            _, _, end_w = O.path_masses(sq, sqb, chain.end_norm, chain.end_groups)
-            sq_bal = sq[:-1] + [sq[-1] * end_w[:, None]]
-            init = self._r.get(chain.name)
-            if init is not None and [t.shape for t in init] != [s.shape[0:1] for s in sq[:-1]]:
-                init = None
-            r, ins, outs = O.balance_scales(sq_bal, sqb, init, self.balance_sweeps)
-            self._r[chain.name] = r
-            for k, group in enumerate(chain.groups()):
-                res[group.name] = {"scale": r[k].sqrt(), "in_sq": ins[k], "out_sq": outs[k]}
-        return res
-
-    def _attention(self, spec: AttentionSpec, out: dict[str, torch.Tensor], spectra: bool) -> None:
-        h = spec.num_heads
-        q, k, v, o = (self._get(r) for r in (spec.q, spec.k, spec.v, spec.o))
-        qb = self._get(spec.q_bias) if spec.q_bias is not None else None
-        vb = self._get(spec.v_bias) if spec.v_bias is not None else None
-        gq = O.head_grams(q, h, qb)
-        gk = O.head_grams(k, h)  # the key bias is a gauge: left out
-        gv = O.head_grams(v, h, vb)
-        go = O.head_grams(o, h, cols=True)
+    def _finish_attention(self, spec: AttentionSpec, grams: tuple[torch.Tensor, ...], spectra: bool,
+                          out: dict[str, torch.Tensor]) -> None:
+        gq, gk, gv, go = grams
         units = []
         for fam, ga, gb in (("attention_qk", gq, gk), ("attention_vo", gv, go)):
             # M = G_a G_b has the squared singular values of the head's product as eigenvalues:
             # tr M = Σσ², tr M² = Σσ⁴ -- invariants without an eigensolver
             mm = ga @ gb
             s2 = mm.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0)
-            s4 = (mm * mm.transpose(-2, -1)).sum((-2, -1)).clamp_min(1e-30)
+            s4 = (mm * mm.transpose(-2, -1)).sum((-2, -1)).clamp_min(_TINY)
             norms = s2.sqrt()
             pre = f"quotient/{fam}/{spec.name}"
             out[f"{pre}/head_norms/sorted"] = norms.sort().values
@@ -246,51 +346,26 @@ class Observer:
                 sv = O.gram_pair_singular_values(ga, gb)
                 out[f"{pre}/singular_values/sorted"] = sv.flatten().sort().values
                 out[f"{pre}/top_singular"] = sv[:, 0].max()
-            units.append(torch.stack([0.5 * s2.clamp_min(1e-30).log(), 0.25 * s4.log()], dim=1))
+            units.append(torch.stack([0.5 * s2.clamp_min(_TINY).log(), 0.25 * s4.log()], dim=1))
         self._units[f"attention/{spec.name}"] = torch.cat(units, dim=1)
         for name, g in (("q", gq), ("k", gk), ("v", gv), ("o", go)):
-            out[f"raw/{spec.name}/{name}"] = g.diagonal(dim1=-2, dim2=-1).sum().sqrt()
+            out[f"raw/{spec.name}/{name}"] = g.diagonal(dim1=-2, dim2=-1).sum().clamp_min(0).sqrt()
 
-    def _normscale(self, spec: NormScaleSpec, out: dict[str, torch.Tensor], lr: Any) -> None:
-        w = self._get(spec.weight)
-        w = w.flatten(1) if w.dim() > 1 else w[:, None]
-        if spec.per != "row" and spec.bias is not None:
-            w = torch.cat([w, self._get(spec.bias)[:, None]], 1)
-        pre = f"quotient/normscale/{spec.name}"
-        if spec.per == "row":
-            d = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        elif spec.per == "group":
-            wg = w.reshape(spec.groups, -1)
-            d = (wg / wg.norm(dim=1, keepdim=True).clamp_min(1e-30)).reshape_as(w)
-        else:
-            d = w / w.norm().clamp_min(1e-30)
+    def _finish_normscale(self, spec: NormScaleSpec, res: dict[str, Any], lr: Any,
+                          out: dict[str, torch.Tensor]) -> None:
         # rows that read hidden units of a rescaling chain move under those units' rescaling: their invariant
         # directions are the squared-path profiles computed with the chain
-        rows = self._row_profiles.get(spec.name)
-        if rows is None:
-            rows = d
+        rows = self._row_profiles.get(spec.name, res.get("proj"))
+        pre = f"quotient/normscale/{spec.name}"
         out[f"{pre}/direction_coherence"] = O.direction_coherence(rows)
-        sq_norm = w.square().sum()
         if lr is not None:
-            out[f"dynamics/normscale/{spec.name}/effective_lr"] = lr / sq_norm.clamp_min(1e-30)
+            out[f"dynamics/normscale/{spec.name}/effective_lr"] = lr / res["sq_norm"].clamp_min(_TINY)
         if self.angular_step:
-            prev = self._prev_dir.get(spec.name)
-            if spec.per == "tensor":
-                cos = (d * prev).sum() if prev is not None and prev.shape == d.shape else None
-            else:
-                rows = d.reshape(spec.groups, -1) if spec.per == "group" else d
-                cos = ((rows * prev.reshape_as(rows)).sum(1).mean() if prev is not None and prev.shape == d.shape
-                       else None)
-            if cos is None:
-                out[f"dynamics/normscale/{spec.name}/angular_step"] = torch.full((), math.nan, dtype=self.dtype,
-                                                                                 device=d.device)
-            else:
-                out[f"dynamics/normscale/{spec.name}/angular_step"] = cos.clamp(-1, 1).acos()
-            self._prev_dir[spec.name] = d.clone()
+            cos = res.get("cos")
+            out[f"dynamics/normscale/{spec.name}/angular_step"] = (
+                cos.clamp(-1, 1).acos() if cos is not None else _nan(res["sq_norm"]))
         if spec.per == "row":
-            p_in, _ = self._projection(f"normscale/{spec.name}", rows.shape[1], 0, d.device)
-            proj = rows @ p_in
-            self._units[f"normscale/{spec.name}"] = proj / proj.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            self._units[f"normscale/{spec.name}"] = _unit_rows(rows[:, : self.proj_dim])
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -303,19 +378,23 @@ class Observer:
                 small batched eigenproblems, about a sixth of the cost). A per-step caller that logs only every few
                 steps passes ``spectra=False`` between log steps; every other key is always present.
         """
-        out: dict[str, torch.Tensor] = {}
-        if self._raw_names:
-            tensors = [self._params[n].detach() for n in self._raw_names]
-            norms = torch._foreach_norm(tensors, 2, dtype=self.dtype)
-            for n, v in zip(self._raw_names, norms):
-                out[f"raw/{n}"] = v
+        gens: dict[str, Gen] = {"raw": self._raw_gen()}
+        profiled = {c.layers[-1].path for c in self.report.chains if c.end_norm != "none"}
+        for i, c in enumerate(self.report.chains):
+            gens[f"c{i}"] = self._chain_gen(c)
+        for i, a in enumerate(self.report.attentions):
+            gens[f"a{i}"] = self._attention_gen(a)
+        for i, ns in enumerate(self.report.norm_scales):
+            gens[f"n{i}"] = self._normscale_gen(ns, ns.name in profiled)
+        res = self._drive(gens)
+        out: dict[str, torch.Tensor] = {f"raw/{n}": v for n, v in zip(self._raw_names, res["raw"])}
         self._units, self._row_profiles = {}, {}
-        for chain in self.report.chains:
-            self._chain(chain, out)
-        for att in self.report.attentions:
-            self._attention(att, out, spectra)
-        for ns in self.report.norm_scales:
-            self._normscale(ns, out, lr)
+        for i, c in enumerate(self.report.chains):
+            self._finish_chain(c, res[f"c{i}"], out)
+        for i, a in enumerate(self.report.attentions):
+            self._finish_attention(a, res[f"a{i}"], spectra, out)
+        for i, ns in enumerate(self.report.norm_scales):
+            self._finish_normscale(ns, res[f"n{i}"], lr, out)
         return out
 
     @torch.no_grad()
@@ -323,16 +402,44 @@ class Observer:
         """Per-unit coordinates in module order, ``group -> (n, D)``: the tracker's particles.
 
         Groups: ``rescale/<layer>`` (``[¼ log π_i, incoming direction, outgoing direction]``, π the path mass, so the
-        first coordinate is the log balanced norm for a single hidden layer; see ``_profiles`` for the directions),
-        ``attention/<module>`` (per head ``[½ log Σσ², ¼ log Σσ⁴]`` of ``W_Q W_Kᵀ`` and of ``W_V W_O``, σ the
-        singular values),
-        ``normscale/<module>`` for per-row normalised weights (projected row directions). Invariant under the
-        continuous symmetries, equivariant under permutations. Uses the last :meth:`compute` when there was one since
-        the parameters last changed; call :meth:`compute` first for fresh values.
+        first coordinate is the log balanced norm for a single hidden layer; the directions are the unit's signed
+        weights towards a side no symmetry acts on and its squared-path profile towards hidden units, projected to
+        ``proj_dim`` and normalised), ``attention/<module>`` (per head ``[½ log Σσ², ¼ log Σσ⁴]`` of ``W_Q W_Kᵀ`` and
+        of ``W_V W_O``, σ the singular values), ``normscale/<module>`` for per-row normalised weights (projected row
+        directions). Invariant under the continuous symmetries, equivariant under permutations. Uses the last
+        :meth:`compute`; calls it when there was none.
         """
         if not self._units:
-            self.compute()
+            self.compute(spectra=False)
         return dict(self._units)
+
+    @torch.no_grad()
+    def balanced(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The canonical balanced representative of every rescaling chain (unsharded parameters).
+
+        Returns ``group -> {"scale": s, "in_sq": ‖w̃_in‖², "out_sq": ‖w̃_out‖²}`` where unit ``i`` is rescaled by
+        ``s_i`` (``w_in → s w_in``, ``w_out → w_out / s``) so that ``‖w̃_in,i‖ = ‖w̃_out,i‖`` for every unit at once.
+        Sweeps are warm-started from the previous call (``balance_sweeps`` per call; exact in one sweep for a single
+        hidden layer). A downstream normalisation's scale is divided out first, so the result is invariant under it.
+        """
+        if self.rows.sharded:
+            raise NotImplementedError("Observer.balanced() needs unsharded parameters")
+        res: dict[str, dict[str, torch.Tensor]] = {}
+        for chain in self.report.chains:
+            ws = [self.rows.rows(lay.weight, self.dtype)[0] for lay in chain.layers]
+            sq = [O.squared_operator(w, lay.kind, lay.in_blocks) for w, lay in zip(ws, chain.layers)]
+            sqb = [self.rows.rows(lay.bias, self.dtype)[0].square() if lay.bias is not None else None
+                   for lay in chain.layers]
+            _, _, end_w = O.path_masses(sq, sqb, chain.end_norm, chain.end_groups)
+            sq_bal = sq[:-1] + [sq[-1] * end_w[:, None]]
+            init = self._r.get(chain.name)
+            if init is not None and [t.shape for t in init] != [s.shape[0:1] for s in sq[:-1]]:
+                init = None
+            r, ins, outs = O.balance_scales(sq_bal, sqb, init, self.balance_sweeps)
+            self._r[chain.name] = r
+            for k, group in enumerate(chain.groups()):
+                res[group.name] = {"scale": r[k].sqrt(), "in_sq": ins[k], "out_sq": outs[k]}
+        return res
 
     @torch.no_grad()
     def grad_observables(self) -> dict[str, torch.Tensor]:
@@ -341,49 +448,66 @@ class Observer:
         Keys ``quotient/<family>/<group>/grad_norm``: ``‖w ⊙ g‖`` over a rescaling group's layer (elementwise
         invariant under any positive diagonal rescaling), ``‖w‖·‖g‖`` per normalised scale unit (rows combined in
         quadrature), and ``(Σ_h ⟨W_hW_hᵀ, G_hG_hᵀ⟩)^{1/2}`` over a head's Q, K (resp. V, O) for attention (invariant
-        under GL(d_head)). Groups with a missing gradient are skipped.
+        under GL(d_head)). Groups with a missing gradient are skipped. Sharded: one all-reduce of O(groups + heads).
         """
-        out: dict[str, torch.Tensor] = {}
-        p = self._params
+        dt, rows = self.dtype, self.rows
+        gens: dict[str, Gen] = {}
 
-        def grad(ref: Any) -> torch.Tensor | None:
-            g = p[ref.name].grad
-            if g is None:
-                return None
-            return (g if ref.start is None and ref.stop is None else g[ref.start : ref.stop]).detach().to(self.dtype)
+        def pair(ref: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+            g = rows.grad_rows(ref, dt)
+            return None if g is None else (rows.rows(ref, dt)[0], g)
+
+        def one(parts: list[torch.Tensor]) -> Gen:
+            return (yield parts)
 
         for chain in self.report.chains:
             for group in chain.groups():
-                lay: ChainLayer = chain.layers[group.index]
-                parts = [(lay.weight, grad(lay.weight))]
-                if lay.bias is not None:
-                    parts.append((lay.bias, grad(lay.bias)))
-                if any(g is None for _, g in parts):
-                    continue
-                tot = sum((self._get(r) * g).square().sum() for r, g in parts)
-                out[f"quotient/rescale/{group.name}/grad_norm"] = torch.as_tensor(tot).sqrt()
+                lay = chain.layers[group.index]
+                ps = [pair(lay.weight)] + ([pair(lay.bias)] if lay.bias is not None else [])
+                if all(p is not None for p in ps):
+                    tot = torch.stack([(w * g).square().sum() for w, g in ps])  # type: ignore[misc]
+                    gens[f"quotient/rescale/{group.name}/grad_norm"] = one([tot.sum()[None]])
         for ns in self.report.norm_scales:
-            g = grad(ns.weight)
-            if g is None:
+            p = pair(ns.weight)
+            if p is None:
                 continue
-            w = self._get(ns.weight)
-            if ns.per == "tensor":
-                v = w.norm() * g.norm()
+            w, g = (t.flatten(1) if t.dim() > 1 else t[:, None] for t in p)
+            if ns.per == "row":
+                gens[f"quotient/normscale/{ns.name}/grad_norm"] = one(
+                    [(w.square().sum(1) * g.square().sum(1)).sum()[None]])
             else:
-                rows = ns.groups if ns.per == "group" else w.shape[0]
-                v = (w.reshape(rows, -1).norm(dim=1) * g.reshape(rows, -1).norm(dim=1)).norm()
-            out[f"quotient/normscale/{ns.name}/grad_norm"] = v
+                groups = ns.groups if ns.per == "group" else 1
+                r0, r1, n = rows.rows(ns.weight, dt)[1]
+                idx = (torch.arange(r0, r1, device=w.device) * groups) // max(n, 1)
+                stats = torch.stack([w.square().sum(1), g.square().sum(1)])
+                gens[f"quotient/normscale/{ns.name}/grad_norm"] = one(
+                    [torch.zeros(2, groups, dtype=dt, device=w.device).index_add_(1, idx, stats)])
         for att in self.report.attentions:
-            gs = [grad(r) for r in (att.q, att.k, att.v, att.o)]
-            if any(g is None for g in gs):
+            ps = [pair(r) for r in (att.q, att.k, att.v, att.o)]
+            if any(p is None for p in ps):
                 continue
             h = att.num_heads
-            q, k, v, o = (self._get(r) for r in (att.q, att.k, att.v, att.o))
-            qk = (O.head_grams(q, h) * O.head_grams(gs[0], h)).sum() + (O.head_grams(k, h) * O.head_grams(gs[1], h)).sum()
-            vo = (O.head_grams(v, h) * O.head_grams(gs[2], h)).sum() + (
-                O.head_grams(o, h, cols=True) * O.head_grams(gs[3], h, cols=True)).sum()
-            out[f"quotient/attention_qk/{att.name}/grad_norm"] = qk.clamp_min(0).sqrt()
-            out[f"quotient/attention_vo/{att.name}/grad_norm"] = vo.clamp_min(0).sqrt()
+            (q, gq), (k, gk), (v, gv), (o, go) = ps  # type: ignore[misc]
+            dh = rows.rows(att.q, dt)[1][2] // h
+
+            def local_heads(w: torch.Tensor, g: torch.Tensor, dh: int = dh) -> torch.Tensor:
+                nh = w.shape[0] // dh
+                return (O.head_grams(w, nh) * O.head_grams(g, nh)).sum() if nh else w.new_zeros(())
+
+            qk = (local_heads(q, gq) + local_heads(k, gk))[None]
+            gens[f"quotient/attention_qk/{att.name}/grad_norm"] = one([qk])
+            gens[f"quotient/attention_vo/{att.name}/grad_norm"] = one(
+                [local_heads(v, gv)[None], O.head_grams(o, h, cols=True), O.head_grams(go, h, cols=True)])
+        res = self._drive(gens)
+        out: dict[str, torch.Tensor] = {}
+        for key, got in res.items():
+            if "/attention_vo/" in key:
+                val = got[0][0] + (got[1] * got[2]).sum()
+            elif "/normscale/" in key and got[0].dim() == 2:
+                val = (got[0][0] * got[0][1]).sum()
+            else:
+                val = got[0][0]
+            out[key] = val.clamp_min(0).sqrt()
         return out
 
     def trajectory(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -408,7 +532,7 @@ class Observer:
             "version": _STATE_VERSION,
             "r": {k: [t.detach().cpu() for t in v] for k, v in self._r.items()},
             "balancedness": {k: v.detach().cpu() for k, v in self._balancedness.items()},
-            "prev_dir": {k: v.detach().cpu() for k, v in self._prev_dir.items()},
+            "prev_w": {k: v.detach().cpu() for k, v in self._prev_w.items()},
             "trajectory_keys": self._trajectory_keys,
         }
 
@@ -423,5 +547,5 @@ class Observer:
         dev = self._device()
         self._r = {k: [t.to(dev, self.dtype) for t in v] for k, v in state.get("r", {}).items()}
         self._balancedness = {k: v.to(dev, self.dtype) for k, v in state.get("balancedness", {}).items()}
-        self._prev_dir = {k: v.to(dev, self.dtype) for k, v in state.get("prev_dir", {}).items()}
+        self._prev_w = {k: v.to(dev, self.dtype) for k, v in state.get("prev_w", {}).items()}
         self._trajectory_keys = state.get("trajectory_keys")
