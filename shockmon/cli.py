@@ -52,7 +52,7 @@ def _add_demo(subparsers: Any) -> None:
     p.add_argument("--model", choices=DEMO_MODELS, default="mlp", help="network to train (default: mlp)")
     p.add_argument("--eval-every", type=_positive_int, default=10, help="steps between accuracy checks (default: 10)")
     p.add_argument("--log-every", type=_positive_int, default=10, help="steps between log writes (default: 10)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: min(4, CPU count))")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: half the cores, at most 4; 1 on two cores)")
     p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="hide the progress bar")
     p.set_defaults(func=_run_demo)
 

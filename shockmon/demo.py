@@ -230,6 +230,13 @@ def _first(history: list[tuple[int, float, float]], column: int, threshold: floa
     return next((row[0] for row in history if row[column] >= threshold), None)
 
 
+def default_threads() -> int:
+    """CPU threads for the demo: a tiny model gains little from many threads and suffers badly from oversubscribed
+    ones, so half the cores (at most 4), and a single thread on machines of one or two cores."""
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else min(4, cores // 2)
+
+
 def resolve_device(device: str) -> str:
     """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
     if device not in DEVICES:
@@ -265,7 +272,7 @@ def run_demo(
         raise ValueError(f"Expected argument `steps` to be a positive integer, but got {steps!r}")
     accelerator = resolve_device(device)
     torch.set_flush_denormal(True)  # weight decay drives weights subnormal: ~10x slower without this
-    torch.set_num_threads(threads or max(1, min(4, os.cpu_count() or 1)))  # tiny model: more threads only contend
+    torch.set_num_threads(threads or default_threads())
     pl.seed_everything(seed, verbose=False)
     for pattern in (".*does not have many workers.*", ".*`isinstance.*treespec.*", ".*LeafSpec.*"):
         warnings.filterwarnings("ignore", message=pattern)
