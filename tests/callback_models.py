@@ -94,10 +94,10 @@ class ScriptedTransition(TinyMLP):
     """Hidden units driven together at a known step: characteristics that cross at ``transition``.
 
     Before each optimizer step the weights are set to their scripted value for the step about to complete; the
-    optimizer has ``lr=0``, so what the monitor observes after step ``s`` is exactly the script at ``s``. Unit ``i``
-    keeps fixed directions (incoming row ``r_i u_i``, outgoing column ``r_i v_i``, biases zero) while its log scale
-    moves on a straight line, ``log r_i(s) = (1 - s / transition) * log r_i(0)``: in the invariant coordinates (log
-    path mass) all units converge and cross at ``transition``, the picture of a shock.
+    optimizer has ``lr=0``, so what the monitor observes after step ``s`` is exactly the script at ``s``. The units
+    share fixed directions (incoming row ``r_i u``, outgoing column ``r_i v``, biases zero) while each log scale moves
+    on a straight line, ``log r_i(s) = (1 - s / transition) * log r_i(0)``: in the invariant coordinates (log path
+    mass, directions) all units converge and cross at ``transition``, the picture of a shock.
     """
 
     def __init__(self, hidden: int = 8, transition: int = TRANSITION_STEP, noise: float = 1e-3) -> None:
@@ -105,8 +105,8 @@ class ScriptedTransition(TinyMLP):
         self.transition = transition
         self.noise = noise
         g = torch.Generator().manual_seed(1)
-        u = torch.randn(1, 4, generator=g) + 0.3 * torch.randn(hidden, 4, generator=g)
-        v = torch.randn(2, 1, generator=g) + 0.3 * torch.randn(2, hidden, generator=g)
+        u = torch.randn(1, 4, generator=g).expand(hidden, 4)  # one shared direction: the units differ only in scale
+        v = torch.randn(2, 1, generator=g).expand(2, hidden)
         self.register_buffer("u", u / u.norm(dim=1, keepdim=True))
         self.register_buffer("v", v / v.norm(dim=0, keepdim=True))
         self.register_buffer("log_r0", torch.linspace(-1.0, 1.0, hidden)[torch.randperm(hidden, generator=g)])
