@@ -1,0 +1,129 @@
+"""Alert logic of the tracker: the Riccati gate, the hysteresis state machine and the on-device event ring.
+
+All functions are vectorised over the tracker's groups (index 0 is the trajectory view) and never synchronise with
+the host. States: ``0`` pre, ``1`` imminent (a forecast within the horizon), ``2`` in-shock.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+Tensor = torch.Tensor
+
+PRE, IMMINENT, IN_SHOCK = 0, 1, 2
+KIND_FORECAST, KIND_SHOCK, KIND_DIVERGENCE = 0, 1, 2
+#: event row layout: step, group, kind, predicted step, strength, then the unit indices
+ROW_FIXED = 5
+
+
+def forecast_trend(
+    ts: Tensor, Ts: Tensor, sds: Tensor, min_points: int, bandwidth: int
+) -> tuple[Tensor, Tensor]:
+    """Slope and standard error of the forecast shock time ``T`` against time, per group, over a history.
+
+    Args:
+        ts, Ts: ``(G, M)`` float64 times and forecasts (non-finite where there was no forecast).
+        sds: ``(G, M)`` standard errors of the forecasts (from the significance test's standard errors).
+        min_points: fewer finite entries give ``nan``.
+        bandwidth: Bartlett (Newey--West) bandwidth, in updates, of the slope's residual standard error.
+
+    Successive forecasts come from overlapping windows, so their errors are correlated over about one window and the
+    scatter about the line understates the slope's uncertainty. The returned standard error is the larger of the
+    Newey--West one and a model-based one: forecasts with errors ``sd`` correlated over the history behave like
+    two independent values at its ends, so ``SE ~ 1.5 rms(sd) / span``.
+
+    Along Burgers characteristics ``tau = -1/lambda`` shrinks at rate one (``ds/dt = -s^2``), so the forecast
+    ``T = t + tau`` stays put: slope 0. A stationary contraction (gradient flow into a minimum, an
+    Ornstein--Uhlenbeck pull) has constant ``tau``: the forecast recedes, slope 1. So does a viscous shock once
+    formed (the gradient saturates at ``-U^2/(2 nu)``).
+    """
+    ok = torch.isfinite(Ts) & torch.isfinite(ts)
+    m = ok.double()
+    cnt = m.sum(1)
+    t0 = torch.where(ok, ts, torch.zeros_like(ts))
+    y0 = torch.where(ok, Ts, torch.zeros_like(Ts))
+    tbar = (m * t0).sum(1, keepdim=True) / cnt.clamp_min(1)[:, None]
+    ybar = (m * y0).sum(1, keepdim=True) / cnt.clamp_min(1)[:, None]
+    dt = (t0 - tbar) * m
+    stt = (dt * dt).sum(1)
+    b = (dt * (y0 - ybar)).sum(1) / stt.clamp_min(1e-300)
+    res = (y0 - ybar - b[:, None] * dt) * m
+    # Newey-West: lags measured in chronological rank of the history entries
+    rank = torch.argsort(torch.argsort(torch.where(torch.isfinite(ts), ts, torch.full_like(ts, -math.inf)), 1), 1)
+    lag = (rank[:, :, None] - rank[:, None, :]).abs().double()
+    kern = (1.0 - lag / float(bandwidth)).clamp_min(0)
+    h = dt * res
+    var = (h[:, :, None] * kern * h[:, None, :]).sum((1, 2)).clamp_min(0) * cnt / (cnt - 2).clamp_min(1)
+    se = torch.sqrt(var) / stt.clamp_min(1e-300)
+    sd0 = torch.where(ok, sds, torch.zeros_like(sds))
+    rms = torch.sqrt((sd0 * sd0 * m).sum(1) / cnt.clamp_min(1))
+    tmax = torch.where(ok, ts, torch.full_like(ts, -math.inf)).amax(1)
+    tmin = torch.where(ok, ts, torch.full_like(ts, math.inf)).amin(1)
+    span = (tmax - tmin).clamp_min(1e-300)
+    se = torch.maximum(se, 1.5 * rms / span)
+    enough = (cnt >= min_points) & (stt > 0)
+    nan = torch.full_like(b, math.nan)
+    return torch.where(enough, b, nan), torch.where(enough, se, nan)
+
+
+def step_machine(
+    st: dict[str, Tensor],
+    upd: Tensor,
+    warm: Tensor,
+    steps_to: Tensor,
+    steps_raw: Tensor,
+    shock_cond: Tensor,
+    nonfinite: Tensor,
+    cfg: dict[str, float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Advance the hysteresis state machine in place; returns ``(to_forecast, to_shock, to_divergence)`` flags.
+
+    Args:
+        st: state tensors ``state, on, off, shk, cool, div`` of shape ``(G,)`` (updated in place).
+        upd: groups updated this call; warm: past the warm-up gate (``(G,)`` bool).
+        steps_to: steps to the forecast shock (``inf`` when none, or not Burgers-consistent).
+        steps_raw: steps to shock from the raw significant compression (keeps an in-shock state alive).
+        shock_cond: the shock criterion holds; nonfinite: the input was non-finite.
+        cfg: ``h_on, h_off, n_on, n_off, n_shock, cooldown``.
+
+    Arm when ``steps_to < h_on`` for ``n_on`` updates (outside cooldown); fire ``shock`` when the criterion holds
+    ``n_shock`` updates; disarm when the time to shock exceeds ``h_off`` for ``n_off`` updates, then cool down for
+    ``cooldown`` updates. At most one transition per group per update.
+    """
+    state, on, off, shk, cool = st["state"], st["on"], st["off"], st["shk"], st["cool"]
+    zero = torch.zeros_like(on)
+    arm = warm & (steps_to < cfg["h_on"]) & (cool == 0)
+    on_new = torch.where(arm, on + 1, zero)
+    far = torch.where(state == IN_SHOCK, steps_raw > cfg["h_off"], steps_to > cfg["h_off"])
+    off_new = torch.where(far, off + 1, zero)
+    shk_new = torch.where(shock_cond & warm, shk + 1, zero)
+    to_shock = upd & (state != IN_SHOCK) & (shk_new >= cfg["n_shock"]) & ((state == IMMINENT) | (cool == 0))
+    to_arm = upd & (state == PRE) & ~to_shock & (on_new >= cfg["n_on"])
+    to_pre = upd & (state != PRE) & ~to_shock & (off_new >= cfg["n_off"])
+    new_state = torch.where(to_shock, IN_SHOCK, torch.where(to_arm, IMMINENT, torch.where(to_pre, PRE, state)))
+    cool_new = torch.where(to_pre, torch.full_like(cool, int(cfg["cooldown"])), (cool - 1).clamp_min(0))
+    moved = to_shock | to_arm | to_pre
+    st["state"].copy_(torch.where(upd, new_state, state))
+    st["on"].copy_(torch.where(upd, on_new, on))
+    st["off"].copy_(torch.where(upd, torch.where(moved, zero, off_new), off))
+    st["shk"].copy_(torch.where(upd, torch.where(to_shock, zero, shk_new), shk))
+    st["cool"].copy_(torch.where(upd, cool_new, cool))
+    to_div = upd & nonfinite & ~st["div"]
+    st["div"].copy_(torch.where(upd, nonfinite, st["div"]))
+    return to_arm, to_shock, to_div
+
+
+def write_events(buf: Tensor, counter: Tensor, rows: Tensor, flags: Tensor) -> None:
+    """Append the flagged ``rows`` to the ring ``buf`` (capacity ``buf.shape[0] - 1``; the last row is scratch).
+
+    ``counter`` (0-d int64) counts every event ever written; the slot of the next one is ``counter % capacity``.
+    Rows not flagged go to the scratch row, so the write is a fixed-shape ``index_copy_`` with no host sync.
+    """
+    cap = buf.shape[0] - 1
+    f = flags.long()
+    pos = counter + torch.cumsum(f, 0) - 1
+    dest = torch.where(flags, torch.remainder(pos, cap), torch.full_like(pos, cap))
+    buf.index_copy_(0, dest, rows.to(buf.dtype))
+    counter.add_(f.sum())

@@ -1,0 +1,344 @@
+"""Particle view of the tracker: pure tensor functions, batched over the ``B`` groups of a bucket.
+
+A bucket holds groups of identical shape ``(n, D)``; its history is a ring of the last ``L`` snapshots,
+``pos: (B, L, n, D)``, with times ``(L,)``. Every function here is vectorised over groups and particles, performs no
+host synchronisation and allocates O(B * n * (L + K) * D) at most.
+
+The steps, in order:
+
+1. :func:`window_weights` -- least-squares weights over the ring (slope and mean), the window's centre time, and the
+   two variance factors of a least-squares slope: ``sum w^2`` (independent position noise) and
+   ``sum_j dt_j c_j^2`` with ``c_j = sum_{k >= j} w_k`` (diffusion, i.e. a random walk on top of the motion).
+2. :func:`noise_update` -- the robust (MAD) variances of the newest velocity residuals, as third differences at
+   two lags (third differences), separate diffusion (growing with the lag) from position noise: the diffusion rate
+   ``D_hat = Var(dx)/dt`` and the position-noise variance; ``nu = D_hat / 2``.
+3. :func:`local_rates_1d` / :func:`local_rates_jacobian` / :func:`local_rates_pairs` -- the local compression rate
+   ``lambda_i`` of each particle with its standard error, from its neighbours (sorted neighbours in 1-D, k-nearest
+   neighbours otherwise).
+4. :func:`reduce_group` -- significance with a Bonferroni correction, the time to shock ``tau = -1/lambda`` and a
+   robust minimum over the group, the strength and the units most involved.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import torch
+
+Tensor = torch.Tensor
+
+MAD_TO_SD = 1.482602218505602
+
+
+def bonferroni_z(alpha: float, tests: int) -> float:
+    """One-sided critical ``z`` for a family-wise error ``alpha`` over ``tests`` comparisons (host arithmetic)."""
+    return NormalDist().inv_cdf(1.0 - alpha / max(int(tests), 1))
+
+
+def window_weights(times: Tensor, filled: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Least-squares weights over a ring of snapshot times.
+
+    Args:
+        times: ``(L,)`` float64 ring of times; only the first ``filled`` slots (in ring order) are valid when the ring
+            is not yet full.
+        filled: number of valid slots (host int, ``>= 2``).
+
+    Returns:
+        ``(w_slope, w_mean, t_center, var_iid, var_walk)``: ``w_slope @ x`` is the least-squares slope, ``w_mean @ x``
+        the mean (the fitted value at ``t_center``), and a slope's variance is ``var_iid * s_m^2 + var_walk * D``
+        for position noise of variance ``s_m^2`` and diffusion of rate ``D`` (variance per unit time).
+    """
+    L = times.shape[0]
+    valid = torch.arange(L, device=times.device) < filled
+    m = valid.to(times.dtype)
+    t = torch.where(valid, times, torch.zeros_like(times))
+    cnt = float(min(filled, L))
+    tbar = (m * t).sum() / cnt
+    dt = (t - tbar) * m
+    stt = (dt * dt).sum().clamp_min(1e-300)
+    w_slope = dt / stt
+    w_mean = m / cnt
+    # chronological order for the random-walk factor (invalid slots sort last and carry zero weight)
+    order = torch.argsort(torch.where(valid, times, torch.full_like(times, math.inf)))
+    ts = times[order]
+    ws = w_slope[order]
+    c = torch.flip(torch.cumsum(torch.flip(ws, [0]), 0), [0])  # c_j = sum_{k >= j} w_k
+    vs = valid[order]
+    gaps = torch.where(vs[1:], ts[1:] - ts[:-1], torch.zeros_like(ts[1:]))
+    var_walk = (gaps * c[1:] ** 2).sum()
+    var_iid = 1.0 / stt
+    return w_slope, w_mean, tbar, var_iid, var_walk
+
+
+def fit_window(pos: Tensor, w_slope: Tensor, w_mean: Tensor) -> tuple[Tensor, Tensor]:
+    """Centre positions and least-squares velocities ``(B, n, D)`` of a ring ``pos: (B, L, n, D)``."""
+    B, L, n, D = pos.shape
+    flat = pos.reshape(B, L, n * D)
+    w = torch.stack([w_mean, w_slope]).to(pos.dtype)  # (2, L)
+    out = torch.matmul(w, flat)  # (B, 2, n*D)
+    return out[:, 0].reshape(B, n, D), out[:, 1].reshape(B, n, D)
+
+
+def mad_var(r: Tensor) -> Tensor:
+    """Robust variance per row: ``(1.4826 * median |r|)^2`` over all but the first dimension (zero-centred)."""
+    flat = r.reshape(r.shape[0], -1).abs()
+    med = torch.median(flat, dim=1).values
+    return (MAD_TO_SD * med) ** 2
+
+
+def _third_difference(x: list[Tensor], t: list[Tensor]) -> tuple[Tensor, Tensor, float]:
+    """``d1 - 2 d2 + d3`` of the increments ``d_k = x_{k-1} - x_k`` of four snapshots (newest first).
+
+    It annihilates constant, linear and quadratic motion (exactly for evenly spaced times; for a smoothly varying
+    spacing up to its second difference). Under diffusion of rate ``D`` its variance is ``D (h1 + 4 h2 + h3)``
+    (``h_k`` the gaps), under independent position noise of variance ``s^2`` it is ``20 s^2``.
+    """
+    e = (x[0] - x[1]) - 2.0 * (x[1] - x[2]) + (x[2] - x[3])
+    fd = (t[0] - t[1]) + 4.0 * (t[1] - t[2]) + (t[2] - t[3])
+    return e, fd, 20.0
+
+
+def noise_update(snaps: list[Tensor], times: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Instantaneous diffusion rate and position-noise variance per group from the newest snapshots.
+
+    Args:
+        snaps: the newest snapshots, newest first, ``(B, n, D)`` each: seven of them, or three to six with less
+            information (see below).
+        times: their times (0-d float64), newest first.
+
+    Returns:
+        ``(D_rate, s_m2)``, float64 ``(B,)``, unclamped (average them over updates, then clamp at zero).
+
+    The robust (MAD) variances ``V1``, ``V2`` of third differences at lag one (snapshots 0-3) and lag two (0, 2, 4, 6)
+    are linear in ``D`` and ``s^2`` with different coefficients (diffusion grows with the lag, position noise does
+    not), so the 2x2 system separates them. Smooth motion barely enters: a third difference of a trajectory is
+    ``O(jerk h^3)``, against ``O(v h)`` for a plain velocity residual, so accelerating particles (say, entering a
+    viscous shock) are not mistaken for noise. With fewer than seven snapshots, the newest increments' residuals are
+    attributed to diffusion alone, the conservative choice for the velocities' standard errors.
+    """
+    if len(snaps) < 7:
+        k = len(snaps)
+        if k >= 4:
+            e, fd, _ = _third_difference(snaps[:4], times[:4])
+        else:
+            e = (snaps[0] - snaps[1]) - (snaps[1] - snaps[2])
+            fd = times[0] - times[2]
+        v = mad_var(e).double()
+        return v / fd.clamp_min(1e-300), torch.zeros_like(v)
+    e1, fd1, fm1 = _third_difference(snaps[:4], times[:4])
+    e2, fd2, fm2 = _third_difference(snaps[0:7:2], times[0:7:2])
+    v1 = mad_var(e1).double()
+    v2 = mad_var(e2).double()
+    d = (v2 - v1) / (fd2 - fd1).clamp_min(1e-300)
+    sm2 = (v1 - d * fd1) / fm1
+    return d, sm2
+
+
+def sorted_windows(n: int, k: int, device: torch.device) -> Tensor:
+    """Start index of the ``k``-wide window of sorted neighbours centred (as far as possible) on each rank."""
+    p = torch.arange(n, device=device)
+    return (p - k // 2).clamp(0, max(n - k, 0))
+
+
+def local_rates_1d(xc: Tensor, v: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Local velocity gradient in 1-D: least-squares slope of ``v`` on ``x`` over ``k`` sorted neighbours.
+
+    Args:
+        xc: centre positions ``(B, n)``; v: velocities ``(B, n)``; k: neighbourhood size (``<= n``).
+
+    Returns:
+        ``(lam, sxx, order, var_v)``: slopes and the position spread ``sum (x - mean)^2`` of each particle's window
+        (SE of the slope is ``sd_v / sqrt(sxx)``), ``(B, n)`` in particle order; ``order`` sorts the particles; and
+        the velocity noise variance per group ``(B,)``: the robust (MAD) variance of the fits' residuals, pooled over
+        the group, corrected for the two fitted parameters. It measures every source of velocity error (position
+        noise, diffusion, misfit) without a noise model.
+    """
+    B, n = xc.shape
+    order = torch.argsort(xc, dim=1)
+    xs = xc.gather(1, order)
+    vs = v.gather(1, order)
+    xw = xs.unfold(1, k, 1)  # (B, n-k+1, k), a view
+    vw = vs.unfold(1, k, 1)
+    dx = xw - xw.mean(-1, keepdim=True)
+    dv = vw - vw.mean(-1, keepdim=True)
+    sxx = (dx * dx).sum(-1)
+    sxv = (dx * dv).sum(-1)
+    slope = sxv / sxx.clamp_min(torch.finfo(xc.dtype).tiny)
+    resid = dv - slope[..., None] * dx
+    var_v = mad_var(resid).double() * (k / max(k - 2, 1))
+    start = sorted_windows(n, k, xc.device).expand(B, n)
+    sxx_s = sxx.gather(1, start)
+    lam_s = slope.gather(1, start)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, device=xc.device).expand(B, n))
+    return lam_s.gather(1, rank), sxx_s.gather(1, rank), order, var_v
+
+
+def knn(xc: Tensor, k: int, chunk: int = 1024) -> Tensor:
+    """Exact ``k`` nearest neighbours (excluding self) ``(B, n, k)`` by ``cdist`` + ``topk``, in row chunks.
+
+    Cost O(B n^2 D) time and O(B * chunk * n) memory.
+    """
+    B, n, D = xc.shape
+    out = []
+    ar = torch.arange(n, device=xc.device)
+    for s in range(0, n, chunk):
+        d = torch.cdist(xc[:, s : s + chunk], xc)  # (B, c, n)
+        rows = ar[s : s + chunk]
+        d[:, torch.arange(rows.numel(), device=xc.device), rows] = math.inf
+        out.append(torch.topk(d, k, dim=2, largest=False).indices)
+    return torch.cat(out, dim=1)
+
+
+def gather_neighbours(x: Tensor, idx: Tensor) -> Tensor:
+    """``x: (B, n, D)``, ``idx: (B, n, K)`` -> ``(B, n, K, D)``."""
+    B, n, K = idx.shape
+    D = x.shape[-1]
+    flat = idx.reshape(B, n * K, 1).expand(B, n * K, D)
+    return torch.gather(x, 1, flat).reshape(B, n, K, D)
+
+
+def _sym_min_eig(S: Tensor) -> tuple[Tensor, Tensor]:
+    """Smallest eigenvalue and its unit eigenvector of symmetric ``(..., D, D)``; closed form for D <= 2."""
+    D = S.shape[-1]
+    if D == 1:
+        return S[..., 0, 0], torch.ones_like(S[..., 0])
+    if D == 2:
+        a, b, d = S[..., 0, 0], S[..., 0, 1], S[..., 1, 1]
+        half = 0.5 * (a - d)
+        r = torch.sqrt(half * half + b * b)
+        lam = 0.5 * (a + d) - r
+        # eigenvector of [[a, b], [b, d]] for lam: (b, lam - a) or (lam - d, b), whichever is better conditioned
+        e1 = torch.stack([b, lam - a], -1)
+        e2 = torch.stack([lam - d, b], -1)
+        use1 = (e1 * e1).sum(-1) >= (e2 * e2).sum(-1)
+        e = torch.where(use1[..., None], e1, e2)
+        nrm = e.norm(dim=-1, keepdim=True)
+        fallback = torch.zeros_like(e)
+        fallback[..., 0] = 1.0
+        e = torch.where(nrm > 0, e / nrm.clamp_min(torch.finfo(S.dtype).tiny), fallback)
+        return lam, e
+    w, V = torch.linalg.eigh(S)
+    return w[..., 0], V[..., :, 0]
+
+
+def local_rates_jacobian(xc: Tensor, v: Tensor, idx: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor]:
+    """``lambda_min`` of the symmetric part of the least-squares velocity gradient over each neighbourhood.
+
+    ``dV ~ dX J`` is fitted over the particle and its ``K`` neighbours (centred); ``lambda = lambda_min(sym J)`` and
+    its standard error ``sd * sqrt(e^T (dX^T dX)^-1 e)`` along the eigenvector ``e``, with ``sd`` the larger of the
+    model-based ``sd_v`` ``(B,)`` and the fits' pooled robust residual SD. Returns ``(lam, se, sd)``.
+    """
+    xn = torch.cat([xc[:, :, None], gather_neighbours(xc, idx)], 2)  # (B, n, K+1, D)
+    vn = torch.cat([v[:, :, None], gather_neighbours(v, idx)], 2)
+    dx = xn - xn.mean(2, keepdim=True)
+    dv = vn - vn.mean(2, keepdim=True)
+    A = dx.transpose(-1, -2) @ dx  # (B, n, D, D)
+    Bm = dx.transpose(-1, -2) @ dv
+    D = A.shape[-1]
+    eye = torch.eye(D, dtype=A.dtype, device=A.device)
+    ridge = 1e-6 * A.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] / D + torch.finfo(A.dtype).tiny
+    Ainv = torch.linalg.inv(A + ridge * eye)
+    J = Ainv @ Bm
+    S = 0.5 * (J + J.transpose(-1, -2))
+    lam, e = _sym_min_eig(S)
+    q = (e[..., None, :] @ Ainv @ e[..., :, None])[..., 0, 0].clamp_min(0)
+    k1 = dx.shape[2]
+    resid = dv - dx @ J
+    var_v = mad_var(resid).double() * (k1 / max(k1 - D - 1, 1))
+    sd = torch.maximum(sd_v.double(), var_v.sqrt()).to(lam.dtype)
+    return lam, sd[:, None] * torch.sqrt(q), sd
+
+
+def local_rates_pairs(xc: Tensor, v: Tensor, idx: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor]:
+    """Pairwise strain rates over kNN pairs: ``dx.dv / |dx|^2 = -c/|dx|`` (``c`` the closing speed).
+
+    The time to close a pair is ``|dx|/c = -1/strain``; the most compressive pair of each particle gives its
+    ``lambda`` (the strain along a pair direction ``e`` is ``e^T J e >= lambda_min(sym J)``), with standard error
+    ``sqrt(2) sd_v / |dx|``.
+    """
+    dx = gather_neighbours(xc, idx) - xc[:, :, None]
+    dv = gather_neighbours(v, idx) - v[:, :, None]
+    r2 = (dx * dx).sum(-1).clamp_min(torch.finfo(xc.dtype).tiny)
+    strain = (dx * dv).sum(-1) / r2
+    se = math.sqrt(2.0) * sd_v[:, None, None] / torch.sqrt(r2)
+    z = strain / se.clamp_min(torch.finfo(xc.dtype).tiny)
+    j = torch.argmin(z, dim=2, keepdim=True)  # most significant closing pair of each particle
+    return strain.gather(2, j)[..., 0], se.gather(2, j)[..., 0]
+
+
+def collapse_pairs(
+    dxc: Tensor, dxn: Tensor, dv: Tensor, sd_v: Tensor, sd_m: Tensor, nu: Tensor, z: float
+) -> Tensor:
+    """Whether any significantly closing pair has crossed or come within the viscous width, per group ``(B,)``.
+
+    Args:
+        dxc: pair separations at the window centre ``(B, P, D)``; dxn: separations now (from the fitted lines);
+        dv: velocity differences.
+        sd_v, sd_m: velocity and position noise SDs ``(B,)``; nu: viscosity ``(B,)`` (zero unless significant);
+        z: critical value.
+
+    A pair is *closing* when its closing speed ``c = -dxc.dv/|dxc|`` exceeds ``z sqrt(2) sd_v``. It has *crossed*
+    when its separation now, projected on the centre separation, is below ``-z sqrt(2) sd_m``, and it is
+    *viscous* when ``|dxn| c < 2 nu`` (closer than the viscous width ``2 nu / c``).
+    """
+    tiny = torch.finfo(dxc.dtype).tiny
+    rc = dxc.norm(dim=-1).clamp_min(tiny)
+    c = -(dxc * dv).sum(-1) / rc
+    closing = c > z * math.sqrt(2.0) * sd_v[:, None]
+    proj = (dxn * dxc).sum(-1) / rc
+    crossed = proj < -z * math.sqrt(2.0) * sd_m[:, None]
+    viscous = dxn.norm(dim=-1) * c < 2.0 * nu[:, None]
+    return (closing & (crossed | viscous)).any(1)
+
+
+def reduce_group(
+    lam: Tensor, se: Tensor, valid: Tensor, z: float, rank: int, quantile: float | None, k_units: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Significance, time to shock and a robust minimum over each group.
+
+    Args:
+        lam, se: local compression rates and standard errors ``(B, n)``.
+        valid: particles allowed to count ``(B, n)`` (finite input).
+        z: critical value (already corrected for the number of comparisons).
+        rank: the group's time to shock is the ``rank``-th smallest ``tau`` of its significant particles (or the
+            largest when fewer are significant): a crossing involves a neighbourhood, not one particle, and an
+            order statistic is far less noisy than the minimum of many noisy estimates.
+        quantile: when given, the ``quantile`` of the significant ``tau`` instead.
+        k_units: number of unit indices to report.
+
+    Returns:
+        ``(tau, strength, units, sd_tau)``: ``tau = -1/lambda`` of the group (``inf`` when nothing is
+        significant), the largest ``-lambda/SE`` among significant particles, the indices of the ``k_units`` most
+        compressive significant particles (``-1`` padding), and the standard error of ``tau`` (``tau^2 SE``).
+    """
+    tiny = torch.finfo(lam.dtype).tiny
+    sig = valid & (lam + z * se < 0) & torch.isfinite(lam)
+    tau = torch.where(sig, -1.0 / torch.where(sig, lam, -torch.ones_like(lam)), torch.full_like(lam, math.inf))
+    n_sig = sig.sum(1)
+    if quantile is None and rank <= 1:
+        tau_g = tau.amin(1)
+        pick = torch.argmin(tau, dim=1, keepdim=True)
+        sd_tau = torch.where(torch.isfinite(tau_g), (tau_g**2) * se.gather(1, pick)[:, 0], torch.full_like(tau_g, math.inf))
+    else:
+        r = min(rank, lam.shape[1])
+        srt = torch.topk(tau, r, dim=1, largest=False).values if quantile is None else torch.sort(tau, dim=1).values
+        if quantile is None:
+            kq = (n_sig.clamp(1, r) - 1)[:, None]
+        else:
+            kq = torch.floor(quantile * (n_sig - 1).clamp_min(0).to(lam.dtype)).long()[:, None]
+        tau_g = srt.gather(1, kq)[:, 0]
+    # uncertainty of the group's forecast: delta method on tau = -1/lambda of the particle whose tau was chosen
+    pick = torch.argmin((tau - tau_g[:, None]).abs(), dim=1, keepdim=True)
+    sd_tau = torch.where(torch.isfinite(tau_g), (tau_g**2) * se.gather(1, pick)[:, 0], torch.full_like(tau_g, math.inf))
+    zscore = torch.where(sig, -lam / se.clamp_min(tiny), torch.zeros_like(lam))
+    strength = zscore.amax(1)
+    k = min(k_units, lam.shape[1])
+    score = torch.where(sig, -lam, torch.full_like(lam, -math.inf))
+    top = torch.topk(score, k, dim=1)
+    units = torch.where(torch.isfinite(top.values), top.indices, torch.full_like(top.indices, -1))
+    if k < k_units:
+        pad = torch.full((lam.shape[0], k_units - k), -1, dtype=units.dtype, device=units.device)
+        units = torch.cat([units, pad], 1)
+    return tau_g, strength, units, sd_tau

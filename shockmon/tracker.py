@@ -1,0 +1,840 @@
+"""The streaming Burgers characteristic tracker.
+
+:class:`BurgersTracker` takes quotient observables step by step and forecasts shocks -- the moment
+characteristics cross. It is pure torch, knows nothing of models or Lightning, keeps its state on the device of its
+inputs, and synchronises with the host only in :meth:`BurgersTracker.poll`.
+
+The computations live in pure functions: :mod:`shockmon._particles` (particle view), :mod:`shockmon._trajectory`
+(trajectory view) and :mod:`shockmon._alerts` (Riccati gate, hysteresis, event ring). This module orchestrates them.
+
+Cost and state. Groups of equal shape ``(n, D)`` are stacked into *buckets* and processed by one batch of tensor
+operations, so the cost per update is a few dozen kernels per bucket, not per group. State is a ring of the last
+``window`` snapshots per group, O(particles x window), fixed in size whatever the number of steps. In 1-D the
+neighbours are the sorted neighbours (a sort per update, O(n log n)); in D > 1 they are exact k-nearest neighbours
+by ``cdist`` + ``topk`` (O(n^2 D)), refreshed round-robin every ``knn_every`` updates. Groups of more than
+``max_particles`` particles are tracked on a fixed random subsample of that size (seeded, saved in the state dict):
+the cost then stops growing with ``n`` but a shock confined to fewer than about ``n / max_particles`` particles can
+be missed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from shockmon import _alerts as al
+from shockmon import _particles as pt
+from shockmon import _trajectory as tj
+from shockmon.events import EventKind, ShockEvent
+
+Tensor = torch.Tensor
+
+__all__ = ["BurgersTracker"]
+
+TRAJECTORY = "trajectory"
+_KINDS = {al.KIND_FORECAST: EventKind.FORECAST, al.KIND_SHOCK: EventKind.SHOCK, al.KIND_DIVERGENCE: EventKind.DIVERGENCE}
+_METHODS = ("auto", "jacobian", "pairs")
+_TIMES = ("step", "lr")
+
+
+def _int_arg(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"Expected argument `{name}` to be an integer >= {low}, but got {value!r}")
+    return int(value)
+
+
+def _float_arg(name: str, value: Any, low: float, high: float = math.inf, open_low: bool = True) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    ok = ok and (float(value) > low if open_low else float(value) >= low) and float(value) <= high
+    if not ok:
+        rng = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if math.isfinite(high) else "")
+        raise ValueError(f"Expected argument `{name}` to be a finite number {rng}, but got {value!r}")
+    return float(value)
+
+
+class _Bucket:
+    """Groups of identical shape, processed together. Host bookkeeping plus device tensors."""
+
+    def __init__(self, names: list[str], n: int, D: int, dtype: torch.dtype, device: torch.device, L: int) -> None:
+        self.names = list(names)
+        self.n, self.D, self.dtype, self.device, self.L = n, D, dtype, device, L
+        B = len(names)
+        self.pos = torch.zeros(B, L, n, D, dtype=dtype, device=device)
+        self.times = torch.zeros(L, dtype=torch.float64, device=device)
+        self.count = 0
+        self.noise_d = torch.zeros(B, dtype=torch.float64, device=device)
+        self.noise_m = torch.zeros(B, dtype=torch.float64, device=device)
+        self.noise_dvar = torch.zeros(B, dtype=torch.float64, device=device)
+        self.noise_count = 0
+        self.xc = torch.zeros(B, n, D, dtype=dtype, device=device)  # last fit, to carry non-finite particles
+        self.v = torch.zeros(B, n, D, dtype=dtype, device=device)
+        self.tc = torch.zeros((), dtype=torch.float64, device=device)
+        self.knn: Tensor | None = None
+        self.sub: Tensor | None = None  # (B, n) original indices when subsampled
+
+    def take(self, keep: list[int]) -> _Bucket:
+        """A new bucket holding the members ``keep`` (copies)."""
+        nb = _Bucket([self.names[j] for j in keep], self.n, self.D, self.dtype, self.device, self.L)
+        idx = torch.tensor(keep, device=self.device)
+        for f in ("pos", "noise_d", "noise_m", "noise_dvar", "xc", "v"):
+            setattr(nb, f, getattr(self, f).index_select(0, idx).clone())
+        nb.times = self.times.clone()
+        nb.tc = self.tc.clone()
+        nb.count, nb.noise_count = self.count, self.noise_count
+        nb.knn = None if self.knn is None else self.knn.index_select(0, idx).clone()
+        nb.sub = None if self.sub is None else self.sub.index_select(0, idx).clone()
+        return nb
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("names", "n", "D", "L", "count", "noise_count")}
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        for k in ("pos", "times", "noise_d", "noise_m", "noise_dvar", "xc", "v", "tc", "knn", "sub"):
+            d[k] = getattr(self, k)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], device: torch.device) -> _Bucket:
+        b = cls(d["names"], d["n"], d["D"], getattr(torch, d["dtype"]), device, d["L"])
+        b.count, b.noise_count = int(d["count"]), int(d["noise_count"])
+        for k in ("pos", "times", "noise_d", "noise_m", "noise_dvar", "xc", "v", "tc", "knn", "sub"):
+            val = d[k]
+            setattr(b, k, None if val is None else val.to(device).clone())
+        return b
+
+
+class BurgersTracker:
+    """Streaming Burgers characteristic tracker: forecasts shocks from quotient observables, on device.
+
+    Two views of the same picture. **Particle view**: each group (a layer's units, a block's heads) is a set of
+    particles ``x_i(t)`` in invariant coordinates; velocities are least-squares slopes over the last ``window``
+    snapshots; the local velocity gradient is fitted over ``neighbors`` neighbours and its compression rate
+    ``lambda_i = lambda_min(sym J_i)`` counts when significantly negative (Bonferroni over the group). The forecast is
+    ``t_c - 1/lambda`` with ``t_c`` the window's centre time (the velocities' lag corrected), robust-minimised over the
+    group, and it is kept only while it is *Burgers-consistent*: along characteristics ``-1/lambda`` shrinks at rate
+    one, so the forecast stays put; a forecast that recedes (a stationary contraction, or a viscous shock that has
+    formed) is not a coming crossing. **Trajectory view**: for the vector ``q(t)`` of all scalar quotient
+    observables, ``s = <v, dv/dt>/|v|^2`` and a Riccati fit ``1/s = a + b t``; ``b`` is the Burgers-consistency figure
+    and the fit's zero the forecast blow-up.
+
+    A *shock* happens when a significantly closing pair of particles crosses or comes within the viscous width
+    ``2 nu/|dv|``, when the forecast time is reached, or when an imminent compression stops steepening (the forecast
+    recedes: the gradient plateaus at its viscous limit). Viscosity ``nu = D_hat/2`` comes from the MAD variance of
+    velocity residuals, with measurement noise (constant in the lag) separated from diffusion (growing with it).
+
+    Args:
+        horizon: a ``forecast`` event fires when a shock is predicted within this many steps (``H_on``).
+        window: snapshots per least-squares fit (``L``), ``>= 3``.
+        neighbors: neighbourhood size ``K`` for the local gradient, ``>= 2``.
+        alpha: family-wise false-alarm rate per group and update for the significance test, in ``(0, 0.5)``.
+        rank: the group's time to shock is the ``rank``-th smallest of its significant particles' (an order
+            statistic is much steadier than the minimum of many noisy estimates, and biased late by only about
+            ``T'' (rank * spacing / 2)^2 / 2`` where ``T(x0)`` is the crossing time of the characteristic from ``x0``).
+        quantile: if given, use this quantile of the significant particles' times to shock instead of ``rank``.
+        method: ``"auto"`` (least-squares Jacobian when ``D <= 2`` and ``K >= 2D + 1``, pairwise closing times
+            otherwise), ``"jacobian"`` or ``"pairs"``.
+        time: ``"step"`` or ``"lr"`` (learning-rate time ``t = sum lr``; forecasts are converted back to steps at the
+            current learning rate).
+        n_on, n_off: updates a condition must hold to arm / disarm.
+        disarm_horizon: ``H_off``, default ``2 * horizon``.
+        cooldown: updates after a disarm during which no forecast arms.
+        warmup: no forecast or shock event before this step.
+        shock_updates: updates the shock criterion must hold.
+        riccati_window: forecasts in the Burgers-consistency fit (default ``window``), ``>= 4``.
+        max_particles: larger groups are tracked on a fixed random subsample of this size.
+        knn_every: in D > 1, neighbour lists are refreshed every this many updates (round-robin over groups).
+        units: unit indices carried by each event.
+        capacity: events buffered on device between polls.
+        seed: seeds the subsample.
+
+    Example (a seeded synthetic stream: 256 particles of the inviscid flow ``u0 = -sin x``, time step 0.01 per
+    step, whose characteristics cross at ``t* = 1``, i.e. step 100):
+
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x0 = torch.linspace(-3.14159, 3.14159, 256)
+        >>> tracker = BurgersTracker(horizon=200)
+        >>> for step in range(121):
+        ...     x = x0 - 0.01 * step * torch.sin(x0) + 1e-4 * torch.randn(256, generator=g)
+        ...     tracker.update(step, {"layer": x})
+        ...     if step == 50:
+        ...         predicted = round(tracker.forecast()["layer"].item())
+        >>> predicted
+        100
+        >>> [(e.kind.value, e.step) for e in tracker.poll()]
+        [('forecast', 26), ('shock', 100)]
+    """
+
+    VERSION = 1
+    _Z_GATE = 2.5  # a forecast must recede significantly slower than time itself (slope + z SE < 1)
+    _Z_PLATEAU = 3.0  # an imminent compression has stopped steepening (slope - z SE > 1/2)
+
+    def __init__(
+        self,
+        horizon: int | float = 200,
+        window: int = 16,
+        neighbors: int = 8,
+        *,
+        alpha: float = 1e-3,
+        rank: int = 3,
+        quantile: float | None = None,
+        method: str = "auto",
+        time: str = "step",
+        n_on: int = 3,
+        n_off: int = 5,
+        disarm_horizon: int | float | None = None,
+        cooldown: int = 20,
+        warmup: int = 0,
+        shock_updates: int = 1,
+        riccati_window: int | None = None,
+        max_particles: int = 4096,
+        knn_every: int = 8,
+        units: int = 8,
+        capacity: int = 4096,
+        seed: int = 0,
+    ) -> None:
+        self.horizon = _float_arg("horizon", horizon, 0.0)
+        self.window = _int_arg("window", window, 3)
+        self.neighbors = _int_arg("neighbors", neighbors, 2)
+        self.alpha = _float_arg("alpha", alpha, 0.0, 0.5)
+        self.rank = _int_arg("rank", rank, 1)
+        self.quantile = None if quantile is None else _float_arg("quantile", quantile, 0.0, 1.0, open_low=False)
+        if not isinstance(method, str) or method not in _METHODS:
+            raise ValueError(f"Expected argument `method` to be one of {_METHODS}, but got {method!r}")
+        self.method = method
+        if not isinstance(time, str) or time not in _TIMES:
+            raise ValueError(f"Expected argument `time` to be one of {_TIMES}, but got {time!r}")
+        self.time = time
+        self.n_on = _int_arg("n_on", n_on, 1)
+        self.n_off = _int_arg("n_off", n_off, 1)
+        h_off = 2.0 * self.horizon if disarm_horizon is None else disarm_horizon
+        self.disarm_horizon = _float_arg("disarm_horizon", h_off, 0.0)
+        if self.disarm_horizon < self.horizon:
+            raise ValueError(
+                f"Expected argument `disarm_horizon` to be >= `horizon` ({self.horizon}), but got {self.disarm_horizon}"
+            )
+        self.cooldown = _int_arg("cooldown", cooldown, 0)
+        self.warmup = _int_arg("warmup", warmup, 0)
+        self.shock_updates = _int_arg("shock_updates", shock_updates, 1)
+        rw = self.window if riccati_window is None else riccati_window
+        self.riccati_window = _int_arg("riccati_window", rw, 4)
+        self.max_particles = _int_arg("max_particles", max_particles, max(self.neighbors + 1, 3))
+        self.knn_every = _int_arg("knn_every", knn_every, 1)
+        self.units = _int_arg("units", units, 0)
+        self.capacity = _int_arg("capacity", capacity, 1)
+        self.seed = _int_arg("seed", seed, 0)
+        self.reset()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def reset(self) -> None:
+        """Forget all groups, history, state and buffered events (the configuration is kept)."""
+        self._device: torch.device | None = None
+        self._names: list[str] = [TRAJECTORY]
+        self._shape: dict[str, tuple[int, int, torch.dtype]] = {}
+        self._buckets: list[_Bucket] = []
+        self._where: dict[str, tuple[int, int]] = {}
+        self._hist_count: list[int] = [0]
+        self._last_step: int | None = None
+        self._traj: dict[str, Any] | None = None
+        self._g: dict[str, Tensor] = {}
+        self._read = 0
+
+    def _init_device(self, device: torch.device) -> None:
+        self._device = device
+        G, M, k = 1, self.riccati_window, self.units
+        f64 = dict(dtype=torch.float64, device=device)
+        i64 = dict(dtype=torch.long, device=device)
+        self._g = {
+            "state": torch.zeros(G, **i64),
+            "on": torch.zeros(G, **i64),
+            "off": torch.zeros(G, **i64),
+            "shk": torch.zeros(G, **i64),
+            "cool": torch.zeros(G, **i64),
+            "div": torch.zeros(G, dtype=torch.bool, device=device),
+            "hist_t": torch.full((G, M), math.nan, **f64),
+            "hist_T": torch.full((G, M), math.nan, **f64),
+            "hist_sd": torch.full((G, M), math.nan, **f64),
+            "pred": torch.full((G,), math.inf, **f64),  # predicted shock step (forecast())
+            "steps": torch.full((G,), math.inf, **f64),  # steps to shock (summary)
+            "nu": torch.full((G,), math.nan, **f64),
+            "buf": torch.zeros(self.capacity + 1, al.ROW_FIXED + k, **f64),
+            "counter": torch.zeros((), **i64),
+            "t": torch.zeros((), **f64),
+            "rate": torch.ones((), **f64),
+            "consistency": torch.full((), math.nan, **f64),
+        }
+
+    def _add_group(self, name: str) -> None:
+        self._names.append(name)
+        self._hist_count.append(0)
+        g = self._g
+        for key in ("state", "on", "off", "shk", "cool", "div"):
+            g[key] = torch.cat([g[key], torch.zeros_like(g[key][:1])])
+        for key in ("hist_t", "hist_T", "hist_sd"):
+            g[key] = torch.cat([g[key], torch.full_like(g[key][:1], math.nan)])
+        g["pred"] = torch.cat([g["pred"], torch.full_like(g["pred"][:1], math.inf)])
+        g["steps"] = torch.cat([g["steps"], torch.full_like(g["steps"][:1], math.inf)])
+        g["nu"] = torch.cat([g["nu"], torch.full_like(g["nu"][:1], math.nan)])
+
+    def _restart_group(self, name: str) -> None:
+        """Clear the history and alert state of one group (its size changed)."""
+        gi = self._names.index(name)
+        self._hist_count[gi] = 0
+        g = self._g
+        for key in ("state", "on", "off", "shk", "cool"):
+            g[key][gi] = 0
+        g["div"][gi] = False
+        g["hist_t"][gi] = math.nan
+        g["hist_T"][gi] = math.nan
+        g["hist_sd"][gi] = math.nan
+        g["pred"][gi] = math.inf
+        g["steps"][gi] = math.inf
+        g["nu"][gi] = math.nan
+
+    def _detach(self, name: str) -> None:
+        bi, j = self._where.pop(name)
+        b = self._buckets[bi]
+        keep = [i for i in range(len(b.names)) if i != j]
+        if keep:
+            self._buckets[bi] = b.take(keep)
+        else:
+            self._buckets[bi] = None  # type: ignore[call-overload]
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self._buckets = [b for b in self._buckets if b is not None]
+        self._where = {nm: (bi, j) for bi, b in enumerate(self._buckets) for j, nm in enumerate(b.names)}
+
+    # ------------------------------------------------------------------ input checks
+    def _check(self, step: Any, groups: Any, trajectory: Any, lr: Any) -> tuple[int, dict[str, Tensor]]:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(f"Expected `step` to be an int, but got {type(step).__name__}")
+        step = int(step)
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(f"Expected `step` to increase, but got {step} after {self._last_step}")
+        if not isinstance(groups, Mapping):
+            raise TypeError(f"Expected `groups` to be a mapping name -> Tensor, but got {type(groups).__name__}")
+        out: dict[str, Tensor] = {}
+        for name, x in groups.items():
+            if not isinstance(name, str) or not name or name == TRAJECTORY:
+                raise ValueError(f"Expected group names to be non-empty strings other than 'trajectory', got {name!r}")
+            if not isinstance(x, Tensor):
+                raise TypeError(f"Expected group {name!r} to be a Tensor, but got {type(x).__name__}")
+            if x.dim() not in (1, 2) or x.shape[0] < 1 or (x.dim() == 2 and x.shape[1] < 1):
+                raise ValueError(f"Expected group {name!r} to have shape (n,) or (n, D), but got {tuple(x.shape)}")
+            if x.is_complex() or not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
+                raise TypeError(f"Expected group {name!r} to be a real tensor, but got dtype {x.dtype}")
+            out[name] = x
+        if trajectory is not None:
+            if not isinstance(trajectory, Tensor):
+                raise TypeError(f"Expected `trajectory` to be a Tensor or None, but got {type(trajectory).__name__}")
+            if trajectory.dim() != 1 or trajectory.numel() < 1:
+                raise ValueError(f"Expected `trajectory` to be a non-empty 1-D tensor, but got {tuple(trajectory.shape)}")
+        if lr is not None and not isinstance(lr, (numbers.Real, Tensor)):
+            raise TypeError(f"Expected `lr` to be a float, a 0-d Tensor or None, but got {type(lr).__name__}")
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError(f"Expected `lr` to be a scalar, but got shape {tuple(lr.shape)}")
+        if self.time == "lr" and lr is None and self._last_step is None:
+            raise ValueError("Expected `lr` on the first update of a tracker with time='lr', but got None")
+        return step, out
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def update(
+        self,
+        step: int,
+        groups: Mapping[str, Tensor],
+        trajectory: Tensor | None = None,
+        lr: float | Tensor | None = None,
+    ) -> None:
+        """Feed one snapshot. No host synchronisation.
+
+        Args:
+            step: the training step (strictly increasing).
+            groups: group name -> particles, ``(n,)`` or ``(n, D)``, in module order; any device and dtype
+                (float64 inputs are tracked in float64, others in float32).
+            trajectory: optional 1-D vector ``q(t)`` of all scalar quotient observables.
+            lr: learning rate, for ``time="lr"`` (required on the first update; later defaults to the last one).
+
+        A group whose size changes is warned about once per change and its history restarts. Non-finite values are
+        replaced by their particle's extrapolated fit (so they never poison the state) and raise a ``divergence``
+        event.
+        """
+        step, groups = self._check(step, groups, trajectory, lr)
+        first = next(iter(groups.values()), trajectory)
+        if self._device is None:
+            if first is None:
+                raise ValueError("Expected at least one group or a trajectory on the first update, but got none")
+            self._init_device(first.device)
+        dev = self._device
+        assert dev is not None
+        g = self._g
+        # ---- time
+        if self.time == "lr":
+            if lr is not None:
+                g["rate"] = torch.as_tensor(lr, dtype=torch.float64).to(dev).reshape(())
+            if self._last_step is not None:
+                g["t"] = g["t"] + g["rate"] * float(step - self._last_step)
+        else:
+            g["t"] = torch.tensor(float(step), dtype=torch.float64, device=dev)
+        t_now = g["t"]
+        self._last_step = step
+        # ---- group registry (host-side shape checks)
+        for name, x in groups.items():
+            n = x.shape[0]
+            D = 1 if x.dim() == 1 else x.shape[1]
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            if name not in self._shape:
+                if name not in self._names:
+                    self._add_group(name)
+            elif self._shape[name] != (n, D, dtype):
+                on, oD, _ = self._shape[name]
+                warnings.warn(
+                    f"Group {name!r} changed size from {on}x{oD} to {n}x{D} particles; its history restarts.",
+                    stacklevel=2,
+                )
+                self._detach(name)
+                self._restart_group(name)
+            self._shape[name] = (n, D, dtype)
+        present = list(groups)
+        # members of a bucket are updated together; a bucket member missing now is split off
+        for bi, b in enumerate(list(self._buckets)):
+            here = [j for j, nm in enumerate(b.names) if nm in groups]
+            if here and len(here) < len(b.names):
+                away = [j for j in range(len(b.names)) if j not in here]
+                self._buckets[bi] = b.take(here)
+                self._buckets.append(b.take(away))
+        self._reindex()
+        new = [nm for nm in present if nm not in self._where]
+        by_shape: dict[tuple[int, int, torch.dtype], list[str]] = {}
+        for nm in new:
+            by_shape.setdefault(self._shape[nm], []).append(nm)
+        for (n, D, dtype), names in by_shape.items():
+            m = min(n, self.max_particles)
+            b = _Bucket(names, m, D, dtype, dev, self.window)
+            if m < n:
+                subs = []
+                for nm in names:
+                    gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._names.index(nm))
+                    subs.append(torch.sort(torch.randperm(n, generator=gen)[:m]).values)
+                b.sub = torch.stack(subs).to(dev)
+            self._buckets.append(b)
+        self._reindex()
+        # ---- per-bucket particle view
+        G = len(self._names)
+        f64 = dict(dtype=torch.float64, device=dev)
+        T_all = torch.full((G,), math.inf, **f64)
+        sdT_all = torch.full((G,), math.inf, **f64)
+        traw_all = torch.full((G,), math.inf, **f64)
+        str_all = torch.zeros(G, **f64)
+        coll_all = torch.zeros(G, dtype=torch.bool, device=dev)
+        nonf_all = torch.zeros(G, dtype=torch.bool, device=dev)
+        units_all = torch.full((G, self.units), -1, dtype=torch.long, device=dev)
+        nfu_all = torch.full((G, self.units), -1, dtype=torch.long, device=dev)
+        nu_all = g["nu"].clone()
+        upd_list = [False] * G
+        for b in self._buckets:
+            if b.names[0] not in groups:
+                continue
+            out = self._bucket_update(b, [groups[nm] for nm in b.names], t_now)
+            gi = torch.tensor([self._names.index(nm) for nm in b.names], device=dev)
+            for nm in b.names:
+                upd_list[self._names.index(nm)] = True
+            T_all.index_copy_(0, gi, out["T"])
+            sdT_all.index_copy_(0, gi, out["sdT"])
+            traw_all.index_copy_(0, gi, out["traw"])
+            str_all.index_copy_(0, gi, out["strength"])
+            coll_all.index_copy_(0, gi, out["collapse"])
+            nonf_all.index_copy_(0, gi, out["nonfinite"])
+            units_all.index_copy_(0, gi, out["units"])
+            nfu_all.index_copy_(0, gi, out["nf_units"])
+            nu_all.index_copy_(0, gi, out["nu"])
+        # ---- trajectory view
+        traj_cons = torch.full((), math.nan, **f64)
+        if trajectory is not None:
+            upd_list[0] = True
+            tr = self._traj_update(trajectory, t_now)
+            T_all[0] = tr["T"]
+            traw_all[0] = tr["T"] - t_now
+            str_all[0] = tr["strength"]
+            nonf_all[0] = tr["nonfinite"]
+            traj_cons = tr["b"]
+            g["consistency"] = tr["b"]
+        # ---- Riccati gate on the particle groups' forecast history
+        M = self.riccati_window
+        for gi in range(1, G):
+            if upd_list[gi]:
+                slot = self._hist_count[gi] % M
+                g["hist_t"][gi, slot] = t_now
+                g["hist_T"][gi, slot] = T_all[gi]
+                g["hist_sd"][gi, slot] = sdT_all[gi]
+                self._hist_count[gi] += 1
+        slope, se = al.forecast_trend(g["hist_t"], g["hist_T"], g["hist_sd"], max(4, M // 2), self.window)
+        consistent = (slope < 0.5) & (slope + self._Z_GATE * se < 1.0)
+        plateau = (slope - self._Z_PLATEAU * se > 0.5) & (traw_all < math.inf)
+        if trajectory is not None:
+            consistent[0] = (traj_cons > 0.5) & (traj_cons < 2.0) & torch.isfinite(T_all[0])
+            plateau[0] = False
+        T_g = torch.where(consistent, T_all, torch.full_like(T_all, math.inf))
+        reached = consistent & (T_all <= t_now)
+        armed = g["state"] == al.IMMINENT
+        shock_cond = reached | (coll_all & (armed | consistent)) | (plateau & armed)
+        shock_cond[0] = reached[0]
+        rate = g["rate"]
+        steps_to = (T_g - t_now) / rate
+        steps_raw = traw_all / rate
+        upd = torch.tensor(upd_list, device=dev)
+        warm = torch.full((G,), step >= self.warmup, dtype=torch.bool, device=dev)
+        cfg = dict(
+            h_on=self.horizon,
+            h_off=self.disarm_horizon,
+            n_on=self.n_on,
+            n_off=self.n_off,
+            n_shock=self.shock_updates,
+            cooldown=self.cooldown,
+        )
+        to_fc, to_sh, to_div = al.step_machine(g, upd, warm, steps_to, steps_raw, shock_cond, nonf_all, cfg)
+        pred = step + steps_to
+        g["pred"] = torch.where(upd, pred, g["pred"])
+        g["steps"] = torch.where(upd, steps_to.clamp_min(0), g["steps"])
+        g["nu"] = torch.where(upd, nu_all, g["nu"])
+        # ---- events: per group a divergence row then a state-machine row
+        kind = torch.where(to_sh, al.KIND_SHOCK, al.KIND_FORECAST).double()
+        stepv = torch.full((G,), float(step), **f64)
+        gidx = torch.arange(G, **f64)
+        pred_ev = torch.where(to_sh & ~torch.isfinite(pred), torch.full_like(pred, float(step)), pred)
+        rows_sm = torch.cat([torch.stack([stepv, gidx, kind, pred_ev, str_all], 1), units_all.double()], 1)
+        rows_dv = torch.cat(
+            [
+                torch.stack([stepv, gidx, torch.full_like(gidx, al.KIND_DIVERGENCE), pred, torch.zeros_like(gidx)], 1),
+                nfu_all.double(),
+            ],
+            1,
+        )
+        rows = torch.stack([rows_dv, rows_sm], 1).reshape(2 * G, -1)
+        flags = torch.stack([to_div, to_fc | to_sh], 1).reshape(2 * G)
+        al.write_events(g["buf"], g["counter"], rows, flags)
+
+    def _bucket_update(self, b: _Bucket, xs: list[Tensor], t_now: Tensor) -> dict[str, Tensor]:
+        dev, L, K = b.device, b.L, self.neighbors
+        x = torch.stack([xi.to(device=dev, dtype=b.dtype) for xi in xs])
+        if x.dim() == 2:
+            x = x[..., None]
+        if b.sub is not None:
+            x = torch.gather(x, 1, b.sub[..., None].expand(-1, -1, b.D))
+        B, n, D = x.shape
+        fin = torch.isfinite(x).all(-1)  # (B, n)
+        nonfinite = ~fin.all(1)
+        if b.count >= 2:
+            guess = b.xc + b.v * (t_now - b.tc).to(b.dtype)
+        elif b.count == 1:
+            guess = b.pos[:, (b.count - 1) % L]
+        else:
+            guess = torch.zeros_like(x)
+        x = torch.where(fin[..., None], x, guess)
+        slot = b.count % L
+        b.pos[:, slot] = x
+        b.times[slot] = t_now
+        b.count += 1
+        filled = min(b.count, L)
+        inf = torch.full((B,), math.inf, dtype=torch.float64, device=dev)
+        nf_units = self._units_of(b, (~fin).to(b.dtype))
+        out = dict(
+            T=inf,
+            sdT=inf,
+            traw=inf,
+            strength=torch.zeros(B, dtype=torch.float64, device=dev),
+            collapse=torch.zeros(B, dtype=torch.bool, device=dev),
+            nonfinite=nonfinite,
+            units=torch.full((B, self.units), -1, dtype=torch.long, device=dev),
+            nf_units=nf_units,
+            nu=torch.full((B,), math.nan, dtype=torch.float64, device=dev),
+        )
+        if b.count < 3:
+            return out
+        w_s, w_m, tc, var_iid, var_walk = pt.window_weights(b.times, filled)
+        xc, v = pt.fit_window(b.pos if filled == L else b.pos[:, :filled], w_s[:filled], w_m[:filled])
+        b.xc, b.v, b.tc = xc, v, tc
+        # noise: third differences of the newest snapshots (seven when the window allows)
+        k_noise = min(7, L, b.count)
+        slots = [(b.count - 1 - i) % L for i in range(k_noise)]
+        s0 = slots[0]
+        d_inst, m_inst = pt.noise_update([b.pos[:, s] for s in slots], [b.times[s] for s in slots])
+        if k_noise == min(7, L) or b.noise_count == 0:
+            # a running mean, then an exponential one over 2 windows; estimates from fewer snapshots than the full
+            # stencil only seed it (they attribute all noise to diffusion)
+            b.noise_count = 1 if k_noise < min(7, L) else b.noise_count + 1
+            beta = 1.0 / min(b.noise_count, 2 * L)
+            dev_d = d_inst - b.noise_d
+            b.noise_d = b.noise_d + beta * dev_d
+            b.noise_m = b.noise_m + beta * (m_inst - b.noise_m)
+            b.noise_dvar = b.noise_dvar + beta * (dev_d * dev_d * (1.0 - beta) - b.noise_dvar)
+        d_rate = b.noise_d.clamp_min(0)
+        eps = torch.finfo(b.dtype).eps
+        scale = xc.abs().amax((1, 2)).double() + xc.std((1, 2)).double() if n > 1 else xc.abs().amax((1, 2)).double()
+        floor_m = (16 * eps * scale) ** 2
+        sm2 = b.noise_m.clamp_min(0) + floor_m
+        sd_v = torch.sqrt(sm2 * var_iid + d_rate * var_walk)  # (B,) float64
+        nu = 0.5 * d_rate
+        out["nu"] = nu
+        # viscosity for the viscous-width test: only where the diffusion rate stands out of its estimation scatter
+        # (successive estimates share a seven-snapshot stencil, so about min(count, 2L)/7 of them are independent)
+        n_eff = max(1.0, min(b.noise_count, 2 * L) / 7.0)
+        nu_sig = 0.5 * (b.noise_d - 3.0 * torch.sqrt(b.noise_dvar.clamp_min(0) / n_eff)).clamp_min(0)
+        # positions now, from the fitted lines (unbiased for smooth motion and less noisy than the newest snapshot),
+        # and the pooled scatter of the newest snapshot about them: a conservative position noise
+        x_hat = xc + v * (t_now - tc).to(b.dtype)
+        sd_m = torch.sqrt(pt.mad_var(b.pos[:, (b.count - 1) % L] - x_hat) + floor_m)
+        k_eff = min(K, n - 1)
+        if k_eff < 1:
+            return out
+        method = self.method
+        if method == "auto":
+            method = "jacobian" if (D <= 2 and k_eff >= 2 * D + 1) else "pairs"
+        sdv = sd_v.to(b.dtype)
+        newest = x_hat
+        if D == 1 and method == "jacobian":
+            kw = min(K, n)
+            lam, sxx, order, var_fit = pt.local_rates_1d(xc[..., 0], v[..., 0], kw)
+            if kw >= 4:  # enough residual degrees of freedom: measure the velocity noise directly
+                sdv = torch.sqrt(var_fit + floor_m * var_iid).to(b.dtype)
+            se = sdv[:, None] / torch.sqrt(sxx.clamp_min(torch.finfo(b.dtype).tiny))
+            ztests = n
+            # adjacent pairs in sorted (centre) order
+            xs_ = xc[..., 0].gather(1, order)
+            dxc = (xs_[:, 1:] - xs_[:, :-1])[..., None]
+            xn = newest[..., 0].gather(1, order)
+            dxn = (xn[:, 1:] - xn[:, :-1])[..., None]
+            vs = v[..., 0].gather(1, order)
+            dvp = (vs[:, 1:] - vs[:, :-1])[..., None]
+        else:
+            if b.knn is None or b.knn.shape[-1] != k_eff:
+                b.knn = pt.knn(xc, k_eff)
+            else:
+                due = [j for j in range(B) if (b.count + j) % self.knn_every == 0]
+                if due:
+                    idx = torch.tensor(due, device=dev)
+                    b.knn.index_copy_(0, idx, pt.knn(xc.index_select(0, idx), k_eff))
+            if method == "jacobian":
+                lam, se, sdv = pt.local_rates_jacobian(xc, v, b.knn, sdv)
+                ztests = n
+            else:
+                lam, se = pt.local_rates_pairs(xc, v, b.knn, sdv)
+                ztests = n * k_eff
+            dxc = (pt.gather_neighbours(xc, b.knn) - xc[:, :, None]).reshape(B, n * k_eff, D)
+            dxn = (pt.gather_neighbours(newest, b.knn) - newest[:, :, None]).reshape(B, n * k_eff, D)
+            dvp = (pt.gather_neighbours(v, b.knn) - v[:, :, None]).reshape(B, n * k_eff, D)
+        z = pt.bonferroni_z(self.alpha, ztests)
+        # particles that were non-finite anywhere in the window would carry a held value: exclude this update's
+        rank = min(self.rank, n)
+        tau, strength, units, sd_tau = pt.reduce_group(lam, se, fin, z, rank, self.quantile, self.units)
+        collapse = pt.collapse_pairs(dxc, dxn, dvp, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z)
+        tau = tau.double()
+        if b.count < L:  # forecasts only from full windows (the noise estimate needs them too)
+            tau = torch.full_like(tau, math.inf)
+        out["T"] = tc + tau
+        out["sdT"] = sd_tau.double()
+        out["traw"] = tc + tau - t_now
+        out["strength"] = strength.double()
+        out["collapse"] = collapse
+        out["units"] = self._map_units(b, units)
+        return out
+
+    def _map_units(self, b: _Bucket, units: Tensor) -> Tensor:
+        if b.sub is None:
+            return units
+        mapped = b.sub.gather(1, units.clamp_min(0))
+        return torch.where(units >= 0, mapped, units)
+
+    def _units_of(self, b: _Bucket, score: Tensor) -> Tensor:
+        """Indices of the particles with positive ``score`` (up to ``units``), ``-1`` padded."""
+        B, n = score.shape
+        k = min(self.units, n)
+        top = torch.topk(score, k, dim=1)
+        u = torch.where(top.values > 0, top.indices, torch.full_like(top.indices, -1))
+        if k < self.units:
+            u = torch.cat([u, torch.full((B, self.units - k), -1, dtype=u.dtype, device=u.device)], 1)
+        return self._map_units(b, u)
+
+    def _traj_update(self, q: Tensor, t_now: Tensor) -> dict[str, Tensor]:
+        dev = self._device
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q = q.to(device=dev, dtype=dtype)
+        P, L, M = q.shape[0], self.window, self.riccati_window
+        tr = self._traj
+        if tr is None or tr["ring"].shape[1] != P or tr["ring"].dtype != dtype:
+            if tr is not None:
+                warnings.warn(
+                    f"The trajectory changed size from {tr['ring'].shape[1]} to {P}; its history restarts.", stacklevel=3
+                )
+            tr = self._traj = {
+                "ring": torch.zeros(L, P, dtype=dtype, device=dev),
+                "times": torch.zeros(L, dtype=torch.float64, device=dev),
+                "count": 0,
+                "hist_t": torch.full((M,), math.nan, dtype=torch.float64, device=dev),
+                "hist_s": torch.full((M,), math.nan, dtype=torch.float64, device=dev),
+                "hcount": 0,
+            }
+            self._hist_count[0] = 0
+        fin = torch.isfinite(q)
+        nonfinite = ~fin.all()
+        slot = tr["count"] % L
+        prev = tr["ring"][(tr["count"] - 1) % L] if tr["count"] > 0 else torch.zeros_like(q)
+        tr["ring"][slot] = torch.where(fin, q, prev)
+        tr["times"][slot] = t_now
+        tr["count"] += 1
+        filled = min(tr["count"], L)
+        inf = torch.full((), math.inf, dtype=torch.float64, device=dev)
+        nan = torch.full((), math.nan, dtype=torch.float64, device=dev)
+        if filled < 5:
+            return dict(T=inf, b=nan, strength=torch.zeros((), dtype=torch.float64, device=dev), nonfinite=nonfinite)
+        s, tbar = tj.path_rate(tr["ring"], tr["times"], filled, 4.0)
+        hs = tr["hcount"] % M
+        tr["hist_t"][hs] = tbar
+        tr["hist_s"][hs] = s.double()
+        tr["hcount"] += 1
+        b, se, t_star = tj.riccati_fit(tr["hist_t"], tr["hist_s"], max(4, M // 2))
+        ok = torch.isfinite(t_star) & (b - 3.0 * se > 0)
+        T = torch.where(ok, t_star, inf)
+        strength = torch.where(ok, b / se.clamp_min(1e-300), torch.zeros_like(b))
+        return dict(T=T, b=b, strength=strength, nonfinite=nonfinite)
+
+    # ------------------------------------------------------------------ outputs
+    def _group_names(self) -> list[str]:
+        return self._names
+
+    def forecast(self) -> dict[str, Tensor]:
+        """Predicted shock step per group and ``"trajectory"``, as 0-d device tensors (``inf`` when none)."""
+        if self._device is None:
+            return {TRAJECTORY: torch.tensor(math.inf, dtype=torch.float64)}
+        pred = self._g["pred"]
+        return {nm: pred[i] for i, nm in self._ordered()}
+
+    def _ordered(self) -> list[tuple[int, str]]:
+        items = [(i, nm) for i, nm in enumerate(self._names) if i > 0]
+        return items + [(0, TRAJECTORY)]
+
+    def summary(self) -> dict[str, Tensor]:
+        """0-d device tensors for logging.
+
+        Keys: ``forecast/<group>`` (steps to shock, ``inf`` when none; 0 once predicted time is reached) for each
+        group and ``trajectory``; ``viscosity/<group>`` (``nu`` in the tracker's time units, ``nan`` until
+        estimated); ``state/<group>`` (0 pre, 1 imminent, 2 in-shock) for each group and ``trajectory``;
+        ``burgers_consistency`` (slope of ``d(1/s)/dt`` on the trajectory, ``nan`` until enough data);
+        ``steps_to_shock`` (minimum of the forecasts); ``shock`` (1.0 if any group is in-shock).
+        """
+        if self._device is None:
+            inf = torch.tensor(math.inf, dtype=torch.float64)
+            return {
+                f"forecast/{TRAJECTORY}": inf,
+                f"state/{TRAJECTORY}": torch.tensor(0.0, dtype=torch.float64),
+                "burgers_consistency": torch.tensor(math.nan, dtype=torch.float64),
+                "steps_to_shock": inf,
+                "shock": torch.tensor(0.0, dtype=torch.float64),
+            }
+        g = self._g
+        out: dict[str, Tensor] = {}
+        for i, nm in self._ordered():
+            out[f"forecast/{nm}"] = g["steps"][i]
+        for i, nm in self._ordered():
+            if i > 0:
+                out[f"viscosity/{nm}"] = g["nu"][i]
+        state = g["state"].double()
+        for i, nm in self._ordered():
+            out[f"state/{nm}"] = state[i]
+        out["burgers_consistency"] = g["consistency"]
+        out["steps_to_shock"] = g["steps"].amin()
+        out["shock"] = (g["state"] == al.IN_SHOCK).any().double()
+        return out
+
+    def poll(self) -> list[ShockEvent]:
+        """Events since the last poll, in step order. The one host synchronisation (one transfer)."""
+        if self._device is None:
+            return []
+        g = self._g
+        cap = self.capacity
+        blob = torch.cat([g["counter"].double().reshape(1), g["buf"].reshape(-1)]).cpu()
+        total = int(blob[0])
+        buf = blob[1:].reshape(cap + 1, -1)
+        start = self._read
+        if total - start > cap:
+            dropped = total - start - cap
+            warnings.warn(
+                f"BurgersTracker dropped {dropped} events: more than capacity={cap} between polls. Poll more often or "
+                "raise `capacity`.",
+                stacklevel=2,
+            )
+            start = total - cap
+        events = []
+        for c in range(start, total):
+            row = buf[c % cap].tolist()
+            gi, kind = int(row[1]), int(row[2])
+            name = self._names[gi] if 0 <= gi < len(self._names) else str(gi)
+            channel = "input" if kind == al.KIND_DIVERGENCE else (TRAJECTORY if gi == 0 else "particle")
+            units = tuple(int(u) for u in row[al.ROW_FIXED :] if u >= 0)
+            events.append(ShockEvent(_KINDS[kind], name, channel, int(row[0]), float(row[3]), float(row[4]), units))
+        self._read = total
+        return events
+
+    # ------------------------------------------------------------------ persistence
+    def _config(self) -> dict[str, Any]:
+        keys = (
+            "horizon window neighbors alpha rank quantile method time n_on n_off disarm_horizon cooldown warmup "
+            "shock_updates riccati_window max_particles knn_every units capacity seed"
+        ).split()
+        return {k: getattr(self, k) for k in keys}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: configuration, groups, histories, alert state and unread events."""
+        return {
+            "version": self.VERSION,
+            "config": self._config(),
+            "device": None if self._device is None else str(self._device),
+            "names": list(self._names),
+            "shape": {k: (n, D, str(dt).replace("torch.", "")) for k, (n, D, dt) in self._shape.items()},
+            "buckets": [b.to_dict() for b in self._buckets],
+            "hist_count": list(self._hist_count),
+            "last_step": self._last_step,
+            "traj": None if self._traj is None else dict(self._traj),
+            "g": dict(self._g),
+            "read": self._read,
+        }
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (tensors are moved to the device they were saved from, or kept)."""
+        version = d.get("version")
+        if version != self.VERSION:
+            raise ValueError(f"Expected a BurgersTracker state_dict of version {self.VERSION}, but got {version!r}")
+        cfg = d["config"]
+        if cfg != self._config():
+            self.__init__(**cfg)  # type: ignore[misc]
+        self.reset()
+        if d["device"] is None:
+            return
+        first = next(iter(d["g"].values()))
+        dev = first.device
+        self._device = dev
+        self._names = list(d["names"])
+        self._shape = {k: (int(n), int(D), getattr(torch, dt)) for k, (n, D, dt) in d["shape"].items()}
+        self._buckets = [_Bucket.from_dict(bd, dev) for bd in d["buckets"]]
+        self._reindex()
+        self._hist_count = list(d["hist_count"])
+        self._last_step = d["last_step"]
+        self._traj = None if d["traj"] is None else {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in d["traj"].items()}
+        self._g = {k: v.clone() for k, v in d["g"].items()}
+        self._read = int(d["read"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.state_dict()
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__init__(**d["config"])  # type: ignore[misc]
+        self.load_state_dict(d)
+
+    def __repr__(self) -> str:
+        groups = [nm for nm in self._names[1:]]
+        return f"BurgersTracker(horizon={self.horizon:g}, window={self.window}, groups={groups})"
