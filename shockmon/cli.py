@@ -1,8 +1,8 @@
 """The ``shockmon`` console script.
 
 Each subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares its parser and sets ``func`` to
-``_run_<name>(args) -> int``. Adding one (``report``, ...) means writing that pair and listing ``_add_<name>`` in
-:data:`SUBCOMMANDS`.
+``_run_<name>(args) -> int``. Adding one (``report``, ...) means writing that pair and listing ``_add_<name>``
+in :data:`SUBCOMMANDS`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _positive_int(text: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ demo
-# Kept here (and checked against shockmon.demo by the tests) so that `shockmon --help` does not import Lightning.
+# Kept here (and checked against shockmon.demo by the tests): `shockmon --help` does not import Lightning.
 DEMO_MODELS = ("mlp", "transformer")
 DEMO_DEVICES = ("auto", "cpu", "cuda")
 DEMO_DEFAULT_STEPS = {"mlp": 1200, "transformer": 3000}
@@ -35,8 +35,9 @@ def _add_demo(subparsers: Any) -> None:
         "demo",
         help="train a model that groks modular addition, with ShockMonitor and TensorBoard logging",
         description=(
-            "Trains a small network on (a + b) mod 97 until it groks (test accuracy jumps long after the training"
-            " set is fit), with ShockMonitor watching, logs to TensorBoard and prints when the jump happened and"
+            "Trains a small network on (a + b) mod 97 until it groks (test accuracy jumps long after the"
+            " training set is fit), with ShockMonitor watching, logs to TensorBoard and prints when the jump"
+            " happened and"
             " which alerts fired before it."
         ),
     )
@@ -44,16 +45,33 @@ def _add_demo(subparsers: Any) -> None:
         "--steps",
         type=_positive_int,
         default=None,
-        help="optimizer steps (default: " + ", ".join(f"{n} for {m}" for m, n in DEMO_DEFAULT_STEPS.items()) + ")",
+        help="optimizer steps (default: "
+        + ", ".join(f"{n} for {m}" for m, n in DEMO_DEFAULT_STEPS.items())
+        + ")",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the data split and the weights (default: 0)")
-    p.add_argument("--out", default="./shockmon_runs", help="TensorBoard log directory (default: ./shockmon_runs)")
-    p.add_argument("--device", choices=DEMO_DEVICES, default="auto", help="auto: cuda when available (default: auto)")
+    p.add_argument(
+        "--out", default="./shockmon_runs", help="TensorBoard log directory (default: ./shockmon_runs)"
+    )
+    p.add_argument(
+        "--device", choices=DEMO_DEVICES, default="auto", help="auto: cuda when available (default: auto)"
+    )
     p.add_argument("--model", choices=DEMO_MODELS, default="mlp", help="network to train (default: mlp)")
-    p.add_argument("--eval-every", type=_positive_int, default=10, help="steps between accuracy checks (default: 10)")
-    p.add_argument("--log-every", type=_positive_int, default=10, help="steps between log writes (default: 10)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: half the cores, at most 4; 1 on two cores)")
-    p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="hide the progress bar")
+    p.add_argument(
+        "--eval-every", type=_positive_int, default=10, help="steps between accuracy checks (default: 10)"
+    )
+    p.add_argument(
+        "--log-every", type=_positive_int, default=10, help="steps between log writes (default: 10)"
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads (default: half the cores, at most 4; 1 on two cores)",
+    )
+    p.add_argument(
+        "--no-progress-bar", dest="progress_bar", action="store_false", help="hide the progress bar"
+    )
     p.set_defaults(func=_run_demo)
 
 

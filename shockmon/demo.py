@@ -1,10 +1,11 @@
 """The demo: grokking on modular addition, watched by :class:`~shockmon.ShockMonitor`.
 
-A network trained with strong weight decay on half of the table ``(a + b) mod p`` first memorises its training set,
-then — hundreds of steps later — suddenly generalises ("grokking", Power et al. 2022): a real training phase
-transition, on a task that needs no download and runs on a CPU in about a minute.
+A network trained with strong weight decay on half of the table ``(a + b) mod p`` first memorises its training
+set, then — hundreds of steps later — suddenly generalises ("grokking", Power et al. 2022): a real training
+phase transition, on a task that needs no download and runs on a CPU in about a minute.
 
-``shockmon demo`` (see :mod:`shockmon.cli`) calls :func:`run_demo`. The same model and data are LightningCLI-ready::
+``shockmon demo`` (see :mod:`shockmon.cli`) calls :func:`run_demo`. The same model and data are
+LightningCLI-ready::
 
     python -m shockmon.demo fit --config configs/grokking_mlp.yaml
 """
@@ -135,7 +136,8 @@ class GrokTransformer(nn.Module):
 
 
 class GrokkingModule(pl.LightningModule):
-    """Trains :class:`GrokMLP` or :class:`GrokTransformer` with AdamW; logs ``train_loss``, ``train_acc``, ``val_acc``.
+    """Trains :class:`GrokMLP` or :class:`GrokTransformer` with AdamW; logs ``train_loss``, ``train_acc``,
+    ``val_acc``.
 
     Args:
         model: ``"mlp"`` or ``"transformer"``.
@@ -160,7 +162,9 @@ class GrokkingModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if model not in MODELS:
-            raise ValueError(f"Expected argument `model` to be one of {', '.join(map(repr, MODELS))}, but got {model!r}")
+            raise ValueError(
+                f"Expected argument `model` to be one of {', '.join(map(repr, MODELS))}, but got {model!r}"
+            )
         self.save_hyperparameters()
         self.lr = DEFAULTS[model]["lr"] if lr is None else lr
         with torch.random.fork_rng(devices=[]):
@@ -191,11 +195,15 @@ class GrokkingModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or len(self._acc) < 2:
             return
-        self.history.append((self.global_step, float(self._acc[0]), float(self._acc[1])))  # once per validation
+        # one host read per validation (the module's business, not the monitor's)
+        self.history.append((self.global_step, float(self._acc[0]), float(self._acc[1])))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
-            self.parameters(), lr=self.lr, weight_decay=self.hparams.weight_decay, betas=tuple(self.hparams.betas)
+            self.parameters(),
+            lr=self.lr,
+            weight_decay=self.hparams.weight_decay,
+            betas=tuple(self.hparams.betas),
         )
 
 
@@ -222,7 +230,11 @@ class DemoResult:
 
     def first_lead(self) -> int | None:
         """Steps from the first forecast or shock alert at or before the jump to the jump."""
-        early = [lead for e, lead in self.leads() if lead is not None and lead >= 0 and e.kind.value != "divergence"]
+        early = [
+            lead
+            for e, lead in self.leads()
+            if lead is not None and lead >= 0 and e.kind.value != "divergence"
+        ]
         return max(early) if early else None
 
 
@@ -231,8 +243,10 @@ def _first(history: list[tuple[int, float, float]], column: int, threshold: floa
 
 
 def default_threads() -> int:
-    """CPU threads for the demo: a tiny model gains little from many threads and suffers badly from oversubscribed
-    ones, so half the cores (at most 4), and a single thread on machines of one or two cores."""
+    """CPU threads for the demo: half the cores (at most 4), one on machines of one or two cores.
+
+    A tiny model gains little from many threads and suffers badly from oversubscribed ones.
+    """
     cores = os.cpu_count() or 1
     return 1 if cores <= 2 else min(4, cores // 2)
 
@@ -240,11 +254,15 @@ def default_threads() -> int:
 def resolve_device(device: str) -> str:
     """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
     if device not in DEVICES:
-        raise ValueError(f"Expected argument `device` to be one of {', '.join(map(repr, DEVICES))}, but got {device!r}")
+        raise ValueError(
+            f"Expected argument `device` to be one of {', '.join(map(repr, DEVICES))}, but got {device!r}"
+        )
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("`device='cuda'` was asked for, but torch.cuda.is_available() is False; use 'cpu' or 'auto'")
+        raise ValueError(
+            "`device='cuda'` was asked for, but torch.cuda.is_available() is False; use 'cpu' or 'auto'"
+        )
     return device
 
 
@@ -259,14 +277,20 @@ def run_demo(
     progress_bar: bool = True,
     threads: int | None = None,
 ) -> DemoResult:
-    """Train the grokking model with :class:`~shockmon.ShockMonitor` and TensorBoard logging; return what happened."""
+    """Train the grokking model with :class:`~shockmon.ShockMonitor` and TensorBoard logging.
+
+    Returns:
+        A :class:`DemoResult`: when train accuracy fit, when test accuracy jumped, the alerts.
+    """
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from shockmon.callbacks import ShockMonitor
 
     if model not in MODELS:
-        raise ValueError(f"Expected argument `model` to be one of {', '.join(map(repr, MODELS))}, but got {model!r}")
+        raise ValueError(
+            f"Expected argument `model` to be one of {', '.join(map(repr, MODELS))}, but got {model!r}"
+        )
     steps = DEFAULTS[model]["steps"] if steps is None else steps
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Expected argument `steps` to be a positive integer, but got {steps!r}")
@@ -322,7 +346,8 @@ def run_demo(
 def format_summary(r: DemoResult, max_events: int = 12) -> str:
     """The demo's final summary, as printed by ``shockmon demo``."""
     lines = [
-        f"shockmon demo: grokking (a + b) mod 97 with a {r.model}, {r.steps} steps on {r.device} in {r.seconds:.1f} s",
+        f"shockmon demo: grokking (a + b) mod 97 with a {r.model}, {r.steps} steps on {r.device}"
+        f" in {r.seconds:.1f} s",
         f"  train accuracy >= {FIT_ACC:.2f} (fit):     "
         + (f"step {r.fit_step}" if r.fit_step is not None else "not reached"),
         f"  test accuracy  >= {JUMP_ACC:.2f} (jumped):  "
@@ -340,8 +365,12 @@ def format_summary(r: DemoResult, max_events: int = 12) -> str:
             when = ""
             if lead is not None:
                 when = f"{lead} steps before the jump" if lead >= 0 else f"{-lead} steps after the jump"
-            predicted = f", predicted shock at step {e.predicted_step:.0f}" if math.isfinite(e.predicted_step) else ""
-            lines.append(f"    step {e.step:>5}  {e.kind.value:<10} {e.group} ({e.channel}){predicted}  {when}")
+            predicted = (
+                f", predicted shock at step {e.predicted_step:.0f}" if math.isfinite(e.predicted_step) else ""
+            )
+            lines.append(
+                f"    step {e.step:>5}  {e.kind.value:<10} {e.group} ({e.channel}){predicted}  {when}"
+            )
         if len(r.events) > max_events:
             lines.append(f"    ... {len(r.events) - max_events} more (TensorBoard: text shockmon/alert_text)")
         lead = r.first_lead()

@@ -46,7 +46,12 @@ class TinyMLP(pl.LightningModule):
     """Linear–ReLU–Linear trained with SGD; ``nan_at`` puts a NaN into the first weight before that step."""
 
     def __init__(
-        self, hidden: int = 8, lr: float = 0.1, nan_at: int | None = None, batches: int = 1, log_loss: bool = True
+        self,
+        hidden: int = 8,
+        lr: float = 0.1,
+        nan_at: int | None = None,
+        batches: int = 1,
+        log_loss: bool = True,
     ) -> None:
         super().__init__()
         self.log_loss = log_loss
@@ -94,10 +99,11 @@ class ScriptedTransition(TinyMLP):
     """Hidden units driven together at a known step: characteristics that cross at ``transition``.
 
     Before each optimizer step the weights are set to their scripted value for the step about to complete; the
-    optimizer has ``lr=0``, so what the monitor observes after step ``s`` is exactly the script at ``s``. The units
-    share fixed directions (incoming row ``r_i u``, outgoing column ``r_i v``, biases zero) while each log scale moves
-    on a straight line, ``log r_i(s) = (1 - s / transition) * log r_i(0)``: in the invariant coordinates (log path
-    mass, directions) all units converge and cross at ``transition``, the picture of a shock.
+    optimizer has ``lr=0``, so what the monitor observes after step ``s`` is exactly the script at ``s``. The
+    units share fixed directions (incoming row ``r_i u``, outgoing column ``r_i v``, biases zero) while each
+    log scale moves on a straight line, ``log r_i(s) = (1 - s / transition) * log r_i(0)``: in the invariant
+    coordinates (log path mass, directions) all units converge and cross at ``transition``, the picture of a
+    shock.
     """
 
     def __init__(self, hidden: int = 8, transition: int = TRANSITION_STEP, noise: float = 1e-3) -> None:
@@ -105,7 +111,8 @@ class ScriptedTransition(TinyMLP):
         self.transition = transition
         self.noise = noise
         g = torch.Generator().manual_seed(1)
-        u = torch.randn(1, 4, generator=g).expand(hidden, 4)  # one shared direction: the units differ only in scale
+        # one shared direction: the units differ only in scale
+        u = torch.randn(1, 4, generator=g).expand(hidden, 4)
         v = torch.randn(2, 1, generator=g).expand(2, hidden)
         self.register_buffer("u", u / u.norm(dim=1, keepdim=True))
         self.register_buffer("v", v / v.norm(dim=0, keepdim=True))
@@ -113,7 +120,9 @@ class ScriptedTransition(TinyMLP):
 
     def scripted(self, step: int) -> tuple[Tensor, Tensor]:
         g = torch.Generator().manual_seed(10_000 + step)
-        log_r = (1.0 - step / self.transition) * self.log_r0 + self.noise * torch.randn(self.log_r0.shape, generator=g)
+        log_r = (1.0 - step / self.transition) * self.log_r0 + self.noise * torch.randn(
+            self.log_r0.shape, generator=g
+        )
         r = log_r.exp()
         return r[:, None] * self.u, self.v * r[None, :]
 
@@ -160,11 +169,12 @@ class TwoOptimizers(TinyMLP):
 
 
 class ScriptedTracker:
-    """A stand-in for ``BurgersTracker`` whose events and forecast follow a script (for the callback mechanics).
+    """A stand-in for ``BurgersTracker`` whose events and forecast follow a script (for the callback
+    mechanics).
 
-    ``forecast_from``..``shock_at``: a forecast for group ``g`` (first group seen) is active, a FORECAST event fires at
-    ``forecast_from``, a SHOCK event at ``shock_at``, and the shock stays active for ``shock_len`` steps. A non-finite
-    input fires a DIVERGENCE event (detected on the device, read at ``poll``).
+    ``forecast_from``..``shock_at``: a forecast for group ``g`` (first group seen) is active, a FORECAST event
+    fires at ``forecast_from``, a SHOCK event at ``shock_at``, and the shock stays active for ``shock_len``
+    steps. A non-finite input fires a DIVERGENCE event (detected on the device, read at ``poll``).
     """
 
     def __init__(self, forecast_from: int = 20, shock_at: int = 40, shock_len: int = 5, **_: Any) -> None:
@@ -177,7 +187,9 @@ class ScriptedTracker:
         self._pending: list[ShockEvent] = []
         self._device = torch.device("cpu")
 
-    def update(self, step: int, groups: Mapping[str, Tensor], trajectory: Tensor | None = None, lr: Any = None):
+    def update(
+        self, step: int, groups: Mapping[str, Tensor], trajectory: Tensor | None = None, lr: Any = None
+    ):
         self.updates.append(step)
         self._step = step
         if not self._groups:
@@ -192,9 +204,13 @@ class ScriptedTracker:
             self._nonfinite = self._nonfinite | bad
         g = self._groups[0] if self._groups else "g"
         if step == self.forecast_from:
-            self._pending.append(ShockEvent(EventKind.FORECAST, g, "particle", step, float(self.shock_at), 3.0, (0, 1)))
+            self._pending.append(
+                ShockEvent(EventKind.FORECAST, g, "particle", step, float(self.shock_at), 3.0, (0, 1))
+            )
         if step == self.shock_at:
-            self._pending.append(ShockEvent(EventKind.SHOCK, g, "particle", step, float(self.shock_at), 5.0, (0, 1)))
+            self._pending.append(
+                ShockEvent(EventKind.SHOCK, g, "particle", step, float(self.shock_at), 5.0, (0, 1))
+            )
 
     def _phase(self) -> tuple[float, float]:
         s = self._step
@@ -231,7 +247,11 @@ class ScriptedTracker:
         return events
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self._step, "groups": list(self._groups), "pending": [e.to_dict() for e in self._pending]}
+        return {
+            "step": self._step,
+            "groups": list(self._groups),
+            "pending": [e.to_dict() for e in self._pending],
+        }
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         self._step = d["step"]

@@ -13,9 +13,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-
 from callback_models import (
     TRANSITION_STEP,
     NoSymmetry,
@@ -23,9 +20,11 @@ from callback_models import (
     TinyMLP,
     TwoOptimizers,
     loader,
-    scripted_monitor_class,
     trainer,
 )
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
 from shockmon import ShockMonitor
 from shockmon.events import EventKind
 
@@ -71,7 +70,16 @@ def _spy_updates(monitor: ShockMonitor) -> list[int]:
         ({"max_events": -1}, "`max_events`"),
         ({"tracker_kwargs": {"alpha": 2.0}}, "`alpha`"),
     ],
-    ids=["log_every", "histogram_every", "every_n_steps", "horizon", "window", "prefix", "max_events", "tracker"],
+    ids=[
+        "log_every",
+        "histogram_every",
+        "every_n_steps",
+        "horizon",
+        "window",
+        "prefix",
+        "max_events",
+        "tracker",
+    ],
 )
 def test_shock_monitor_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -301,7 +309,10 @@ def test_shock_monitor_state_dict_round_trip_and_pickle(tmp_path):
 
 
 def test_shock_monitor_state_key_lets_two_instances_coexist(tmp_path):
-    a, b = ShockMonitor(log_every_n_steps=5), ShockMonitor(log_every_n_steps=5, prefix="shockmon_slow", horizon=30)
+    a, b = (
+        ShockMonitor(log_every_n_steps=5),
+        ShockMonitor(log_every_n_steps=5, prefix="shockmon_slow", horizon=30),
+    )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     tr = trainer(tmp_path, [a, b, ckpt], max_steps=10, enable_checkpointing=True)
     tr.fit(TinyMLP())
@@ -314,6 +325,7 @@ def _alerts(events):  # type: ignore[no-untyped-def]
     return [(e.kind.value, e.group, e.step, round(e.predicted_step, 3)) for e in events]
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 def test_shock_monitor_resumed_run_logs_the_same_alerts(tmp_path):
     kw = dict(log_every_n_steps=5, horizon=100)
     full = ShockMonitor(**kw)

@@ -18,6 +18,9 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers:UserWarning",
     "ignore:.*smaller than the logging interval:UserWarning",
     "ignore:.*LeafSpec.*",
+    "ignore:.*args parameter is intended to run from within Python.*",
+    "ignore:.*deprecated in v4.*",
+    "ignore:.*JsonargparseDeprecationWarning.*",
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -39,8 +42,16 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 
 def test_demo_transformer_variant_runs(tmp_path):
-    result = demo.run_demo(steps=4, out=str(tmp_path), device="cpu", model="transformer", eval_every=2,
-                           log_every=2, progress_bar=False, threads=1)
+    result = demo.run_demo(
+        steps=4,
+        out=str(tmp_path),
+        device="cpu",
+        model="transformer",
+        eval_every=2,
+        log_every=2,
+        progress_bar=False,
+        threads=1,
+    )
     assert result.steps == 4 and result.model == "transformer"
     assert "attention" in result.symmetry_report
 
@@ -59,12 +70,25 @@ def test_demo_summary_names_alerts_and_their_lead():
         ShockEvent(EventKind.FORECAST, "rescale/net.mlp.0", "particle", 480, 640.0, 7.5, (3,)),
         ShockEvent(EventKind.SHOCK, "rescale/net.mlp.0", "particle", 655, 655.0, 9.0, (3,)),
     ]
-    r = demo.DemoResult("mlp", 1200, "cpu", 41.0, fit_step=260, jump_step=610, final_train_acc=1.0,
-                        final_test_acc=1.0, events=events, log_dir="runs/grokking_mlp/version_0")
+    r = demo.DemoResult(
+        "mlp",
+        1200,
+        "cpu",
+        41.0,
+        fit_step=260,
+        jump_step=610,
+        final_train_acc=1.0,
+        final_test_acc=1.0,
+        events=events,
+        log_dir="runs/grokking_mlp/version_0",
+    )
     text = demo.format_summary(r)
     assert "(fit):     step 260" in text and "(jumped):  step 610" in text
     assert "alerts: 2 (1 forecast, 1 shock)" in text
-    assert "step   480  forecast   rescale/net.mlp.0 (particle), predicted shock at step 640  130 steps before" in text
+    assert (
+        "step   480  forecast   rescale/net.mlp.0 (particle), predicted shock at step 640  130 steps before"
+        in text
+    )
     assert "45 steps after the jump" in text
     assert "first alert: 130 steps before test accuracy jumped" in text
     assert "tensorboard --logdir runs/grokking_mlp" in text
@@ -101,7 +125,8 @@ def test_lightning_cli_config_reproduces_the_demo(tmp_path):
     result = demo.cli_main(
         [
             "fit",
-            "--config", str(CONFIGS / "grokking_mlp.yaml"),
+            "--config",
+            str(CONFIGS / "grokking_mlp.yaml"),
             "--trainer.max_steps=20",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.enable_progress_bar=false",

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 import torch
+from callback_models import TRANSITION_STEP, ScriptedTransition, TinyMLP, trainer
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from callback_models import TRANSITION_STEP, ScriptedTransition, TinyMLP, trainer
 from shockmon import ShockEarlyStopping, ShockMonitor
 from shockmon.callbacks import ShockStoppingReason
 from shockmon.events import EventKind
@@ -28,7 +28,8 @@ PLATEAU = 30
 
 
 class PlateauAfter(ScriptedTransition):
-    """The scripted shock, plus a metric ``plateau`` that improves until step 30 (mid-forecast), flat afterwards."""
+    """The scripted shock, plus a metric ``plateau`` that improves until step 30 (mid-forecast), flat
+    afterwards."""
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
@@ -61,14 +62,18 @@ def test_shock_early_stopping_needs_a_shock_monitor(tmp_path):
     with pytest.raises(MisconfigurationException, match="needs a ShockMonitor among the Trainer's callbacks"):
         trainer(tmp_path, [ShockEarlyStopping()], max_steps=2).fit(TinyMLP())
     with pytest.raises(MisconfigurationException, match="valid values: 'shockmon'"):
-        trainer(tmp_path, [ShockMonitor(), ShockEarlyStopping(shock_monitor="other")], max_steps=2).fit(TinyMLP())
+        trainer(tmp_path, [ShockMonitor(), ShockEarlyStopping(shock_monitor="other")], max_steps=2).fit(
+            TinyMLP()
+        )
     two = [ShockMonitor(), ShockMonitor(prefix="b"), ShockEarlyStopping()]
     with pytest.raises(MisconfigurationException, match="several ShockMonitor.*'shockmon', 'b'"):
         trainer(tmp_path, two, max_steps=2).fit(TinyMLP())
 
 
 # ----------------------------------------------------------------------------------------- event stops
-@pytest.mark.parametrize(("log_every", "stop_step"), [(1, 7), (5, 10)], ids=["read-every-step", "read-every-5"])
+@pytest.mark.parametrize(
+    ("log_every", "stop_step"), [(1, 7), (5, 10)], ids=["read-every-step", "read-every-5"]
+)
 def test_shock_early_stopping_stops_on_divergence_at_the_next_read(tmp_path, log_every, stop_step):
     stopper = ShockEarlyStopping()
     monitor = ShockMonitor(log_every_n_steps=log_every)
@@ -79,7 +84,9 @@ def test_shock_early_stopping_stops_on_divergence_at_the_next_read(tmp_path, log
     assert stopper.stopped_step == stop_step
     assert stopper.stopping_event is not None and stopper.stopping_event.step == 7
     assert stopper.stopping_event.kind is EventKind.DIVERGENCE
-    assert "divergence in" in stopper.stopping_reason_message and "at step 7" in stopper.stopping_reason_message
+    assert (
+        "divergence in" in stopper.stopping_reason_message and "at step 7" in stopper.stopping_reason_message
+    )
 
 
 def test_shock_early_stopping_can_stop_on_the_shock(tmp_path):
@@ -102,7 +109,9 @@ def test_shock_early_stopping_does_not_stop_without_events(tmp_path):
 # ---------------------------------------------------------------------------------- patience held
 def _run_plateau(tmp_path, hold: bool):  # type: ignore[no-untyped-def]
     monitor = ShockMonitor(log_every_n_steps=1, horizon=100)
-    stopper = ShockEarlyStopping("plateau", patience=5, hold_during_forecast=hold, check_on_train_epoch_end=True)
+    stopper = ShockEarlyStopping(
+        "plateau", patience=5, hold_during_forecast=hold, check_on_train_epoch_end=True
+    )
     recorder = Recorder(monitor)
     tr = trainer(tmp_path, [monitor, recorder, stopper], max_steps=150)
     tr.fit(PlateauAfter())
@@ -128,7 +137,11 @@ def test_shock_early_stopping_holds_patience_during_a_forecast_and_releases_afte
 
 def test_lightning_early_stopping_can_monitor_the_shock_signal(tmp_path):
     stopper = EarlyStopping(
-        monitor="shockmon/shock", mode="max", stopping_threshold=0.5, patience=1000, check_on_train_epoch_end=True
+        monitor="shockmon/shock",
+        mode="max",
+        stopping_threshold=0.5,
+        patience=1000,
+        check_on_train_epoch_end=True,
     )
     tr = trainer(tmp_path, [ShockMonitor(log_every_n_steps=1, horizon=100), stopper], max_steps=120)
     tr.fit(ScriptedTransition())

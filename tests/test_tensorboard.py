@@ -1,4 +1,5 @@
-"""The TensorBoard view: event files read back with TensorBoard's own reader, and the real server's HTTP API."""
+"""The TensorBoard view: event files read back with TensorBoard's own reader, and the real server's HTTP
+API."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from callback_models import TRANSITION_STEP, ScriptedTransition, trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callback_models import TRANSITION_STEP, ScriptedTransition, trainer
 from shockmon import ShockMonitor
 
 torch.set_num_threads(1)
@@ -94,7 +95,9 @@ def test_tensorboard_histograms_of_per_unit_invariants(accumulator):
     assert "shockmon/quotient/rescale/net.0/path_mass/sorted" in hists
     steps = [e.step for e in accumulator.Histograms("shockmon/quotient/rescale/net.0/path_mass/sorted")]
     assert steps == [5, 20, 40, 60, 80]  # the first read, then every 20 steps
-    assert accumulator.Histograms("shockmon/quotient/rescale/net.0/path_mass/sorted")[0].histogram_value.num == 8
+    assert (
+        accumulator.Histograms("shockmon/quotient/rescale/net.0/path_mass/sorted")[0].histogram_value.num == 8
+    )
 
 
 def test_tensorboard_custom_scalars_layout(accumulator):
@@ -161,7 +164,12 @@ def test_tensorboard_server_lists_the_shockmon_tags(server):
             break
         time.sleep(0.5)
     run_tags = next(iter(tags.values()))
-    for tag in ("shockmon/steps_to_shock", "shockmon/shock", "shockmon/alerts", "shockmon/forecast/rescale/net.0"):
+    for tag in (
+        "shockmon/steps_to_shock",
+        "shockmon/shock",
+        "shockmon/alerts",
+        "shockmon/forecast/rescale/net.0",
+    ):
         assert tag in run_tags, sorted(run_tags)
     text_runs = json.loads(_get(f"{server}/data/plugin/text/tags"))
     assert any("shockmon/alert_text/text_summary" in t for t in text_runs.values())
@@ -172,13 +180,27 @@ def test_tensorboard_server_lists_the_shockmon_tags(server):
 def test_tensorboard_page_renders_in_headless_chromium(server, tmp_path):
     _get(f"{server}/data/plugin/scalars/tags")
     shot = tmp_path / "tensorboard.png"
-    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=15000"]
+    common = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--virtual-time-budget=15000",
+    ]
     url = f"{server}/#scalars&tagFilter=shockmon"
-    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1280,900", url], check=True, timeout=120,
-                   capture_output=True)
-    dom = subprocess.run([*common, "--dump-dom", url], check=True, timeout=120, capture_output=True, text=True).stdout
+    subprocess.run(
+        [*common, f"--screenshot={shot}", "--window-size=1280,900", url],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    dom = subprocess.run(
+        [*common, "--dump-dom", url], check=True, timeout=120, capture_output=True, text=True
+    ).stdout
     data = shot.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a blank or error page compresses to far less
+    assert (
+        data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    )  # a blank or error page compresses to far less
     assert "tf-tensorboard" in dom or "tb-webapp" in dom, dom[:500]
     assert "No dashboards are active" not in dom
-

@@ -1,4 +1,4 @@
-"""The Lightning callbacks: :class:`ShockMonitor` observes and logs, :class:`ShockEarlyStopping` acts on it."""
+"""The Lightning callbacks: :class:`ShockMonitor` observes and logs; :class:`ShockEarlyStopping` acts."""
 
 from __future__ import annotations
 

@@ -20,8 +20,11 @@ _PRIORITY = {EventKind.DIVERGENCE: 0, EventKind.SHOCK: 1, EventKind.FORECAST: 2}
 
 
 class ShockStoppingReason(str, enum.Enum):
-    """Why :class:`ShockEarlyStopping` stopped training because of a tracker event (its ``stopping_reason``; the
-    reasons of Lightning's ``EarlyStopping`` — patience, thresholds, non-finite metric — keep their own Enum)."""
+    """Why :class:`ShockEarlyStopping` stopped training because of a tracker event.
+
+    It is the callback's ``stopping_reason`` then; the reasons of Lightning's ``EarlyStopping`` (patience,
+    thresholds, non-finite metric) keep their own Enum.
+    """
 
     DIVERGENCE = "divergence"
     SHOCK = "shock"
@@ -34,24 +37,25 @@ class ShockStoppingReason(str, enum.Enum):
 class ShockEarlyStopping(EarlyStopping):
     r"""``EarlyStopping`` that also acts on the :class:`~shockmon.ShockMonitor`'s events.
 
-    Keeps every argument of Lightning's :class:`~lightning.pytorch.callbacks.EarlyStopping` (``monitor`` may be
-    ``None``: then only events stop training) and adds:
+    Keeps every argument of Lightning's :class:`~lightning.pytorch.callbacks.EarlyStopping` (``monitor`` may
+    be ``None``: then only events stop training) and adds:
 
-    - ``stop_on``: event kinds that stop training at once — at the next host read of the monitor (its log step), not
-      only at an epoch's end. The decision is agreed across ranks (any rank's event stops all).
-    - ``hold_during_forecast``: while the monitor reports a shock forecast within its horizon, imminent or active,
-      checks without improvement do not count against ``patience``: the plateau before a grokking jump does not end
-      the run. Improvements, thresholds and non-finite checks still apply.
+    - ``stop_on``: event kinds that stop training at once -- at the next host read of the monitor (its log
+      step), not only at an epoch's end. The decision is agreed across ranks (any rank's event stops all).
+    - ``hold_during_forecast``: while the monitor reports a shock forecast within its horizon, imminent or
+      active, checks without improvement do not count against ``patience``: the plateau before a grokking
+      jump does not end the run. Improvements, thresholds and non-finite checks still apply.
 
-    It needs a :class:`~shockmon.ShockMonitor` among the Trainer's callbacks (``shock_monitor`` names its ``prefix``
-    when there are several). It logs nothing itself.
+    It needs a :class:`~shockmon.ShockMonitor` among the Trainer's callbacks (``shock_monitor`` names its
+    ``prefix`` when there are several). It logs nothing itself.
 
     Args:
-        monitor: the metric to watch for improvement, as in ``EarlyStopping``; ``None`` to stop on events only.
+        monitor: the metric to watch for improvement, as in ``EarlyStopping``; ``None`` to stop on events
+            only.
         stop_on: one or more of ``"divergence"``, ``"shock"``, ``"forecast"`` (or an empty list: never).
         hold_during_forecast: freeze patience while a transition is forecast or active.
         shock_monitor: the ``prefix`` of the ``ShockMonitor`` to follow; ``None``: the only one.
-        \**kwargs: see ``EarlyStopping``.
+        \**kwargs: the other arguments of ``EarlyStopping``.
 
     Attributes:
         stopping_reason: an ``EarlyStoppingReason`` or a :class:`ShockStoppingReason`.
@@ -108,9 +112,13 @@ class ShockEarlyStopping(EarlyStopping):
                 f" (or an empty list), but got {stop_on!r}"
             )
         if not isinstance(hold_during_forecast, bool):
-            raise TypeError(f"Expected argument `hold_during_forecast` to be a bool, but got {hold_during_forecast!r}")
+            raise TypeError(
+                f"Expected argument `hold_during_forecast` to be a bool, but got {hold_during_forecast!r}"
+            )
         if shock_monitor is not None and not isinstance(shock_monitor, str):
-            raise TypeError(f"Expected argument `shock_monitor` to be a prefix string or None, but got {shock_monitor!r}")
+            raise TypeError(
+                f"Expected argument `shock_monitor` to be a prefix string or None, but got {shock_monitor!r}"
+            )
         self.stop_on = tuple(dict.fromkeys(kinds))
         self.hold_during_forecast = hold_during_forecast
         self.shock_monitor = shock_monitor
@@ -121,7 +129,9 @@ class ShockEarlyStopping(EarlyStopping):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor, mode=self.mode, shock_monitor=self.shock_monitor)
+        return self._generate_state_key(
+            monitor=self.monitor, mode=self.mode, shock_monitor=self.shock_monitor
+        )
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -135,8 +145,8 @@ class ShockEarlyStopping(EarlyStopping):
         if not monitors:
             if prefixes:
                 raise MisconfigurationException(
-                    f"ShockEarlyStopping(shock_monitor={self.shock_monitor!r}) found no ShockMonitor with that prefix;"
-                    f" valid values: {', '.join(repr(p) for p in prefixes)}."
+                    f"ShockEarlyStopping(shock_monitor={self.shock_monitor!r}) found no ShockMonitor with"
+                    f" that prefix; valid values: {', '.join(repr(p) for p in prefixes)}."
                 )
             raise MisconfigurationException(
                 "ShockEarlyStopping needs a ShockMonitor among the Trainer's callbacks, e.g."
@@ -197,8 +207,8 @@ class ShockEarlyStopping(EarlyStopping):
             steps = monitor.latest.get("steps_to_shock", math.inf)
             when = f"shock forecast in {steps:.0f} steps" if math.isfinite(steps) else "shock active"
             reason = (
-                f"Patience held ({when}): {self.monitor} did not improve, wait count stays at {self.wait_count}"
-                f" of {self.patience}."
+                f"Patience held ({when}): {self.monitor} did not improve, wait count stays at"
+                f" {self.wait_count} of {self.patience}."
             )
         return should_stop, reason
 

@@ -1,8 +1,8 @@
 """``ShockMonitor``: the Lightning callback that observes, tracks and logs.
 
-Thin glue: :class:`shockmon.observer.Observer` computes the observables, :class:`shockmon.tracker.BurgersTracker`
-tracks them; this callback decides *when* (optimizer steps, log steps) and *where* (loggers, TensorBoard extras,
-``trainer.callback_metrics``).
+Thin glue: :class:`shockmon.observer.Observer` computes the observables,
+:class:`shockmon.tracker.BurgersTracker` tracks them; this callback decides *when* (optimizer steps, log
+steps) and *where* (loggers, TensorBoard extras, ``trainer.callback_metrics``).
 """
 
 from __future__ import annotations
@@ -45,14 +45,15 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
 class ShockMonitor(Callback):
     r"""Forecast training phase transitions ("shocks") from symmetry-reduced observables, and log them.
 
-    Every optimizer step (not every micro-batch under gradient accumulation; ``every_n_steps`` thins this), the
-    monitor computes the model's observables on the parameters' device — gradient-side ones in
-    ``on_before_optimizer_step``, before the step; parameter-side ones after it — and feeds the Burgers tracker. None of
-    this reads anything back to the host. Every ``log_every_n_steps`` it reads everything back in one transfer and logs
-    it through Lightning's logger API (so CSV and other loggers get the scalars), writes the TensorBoard extras, puts
-    the gating signals in ``trainer.callback_metrics`` and hands new events to listeners such as
-    :class:`~shockmon.ShockEarlyStopping`. At the end of training a last read logs what happened after the last log
-    step. Validation, test, predict and sanity checking are not observed.
+    Every optimizer step (not every micro-batch under gradient accumulation; ``every_n_steps`` thins this),
+    the monitor computes the model's observables on the parameters' device — gradient-side ones in
+    ``on_before_optimizer_step``, before the step; parameter-side ones after it — and feeds the Burgers
+    tracker. None of this reads anything back to the host. Every ``log_every_n_steps`` it reads everything
+    back in one transfer and logs it through Lightning's logger API (so CSV and other loggers get the
+    scalars), writes the TensorBoard extras, puts the gating signals in ``trainer.callback_metrics`` and hands
+    new events to listeners such as :class:`~shockmon.ShockEarlyStopping`. At the end of training a last read
+    logs what happened after the last log step. Validation, test, predict and sanity checking are not
+    observed.
 
     Logged tags (``<prefix>`` is ``shockmon`` by default; the step is ``trainer.global_step``):
 
@@ -75,16 +76,17 @@ class ShockMonitor(Callback):
 
     .. [#cm] also in ``trainer.callback_metrics`` (for ``EarlyStopping``, ``ModelCheckpoint``).
 
-    TensorBoard loggers also get the texts ``<prefix>/alert_text`` (a markdown table of the new events at each log
-    step: kind, group, view, forecast shock step, lead, strength, units) and ``<prefix>/symmetry_report`` (at fit
-    start), histograms ``<prefix>/quotient/.../sorted`` of per-unit invariants (``histogram_every_n_steps``) and a
-    custom-scalars layout: quotient beside raw per module, forecast beside alerts per group.
+    TensorBoard loggers also get the texts ``<prefix>/alert_text`` (a markdown table of the new events at each
+    log step: kind, group, view, forecast shock step, lead, strength, units) and ``<prefix>/symmetry_report``
+    (at fit start), histograms ``<prefix>/quotient/.../sorted`` of per-unit invariants
+    (``histogram_every_n_steps``) and a custom-scalars layout: quotient beside raw per module, forecast beside
+    alerts per group.
 
     Args:
         log_every_n_steps: read back and log every this many optimizer steps; ``None``: the Trainer's
             ``log_every_n_steps``; ``0``: only at the end of training.
-        histogram_every_n_steps: per-unit histograms at the first log step after each multiple of this; ``None``:
-            ten log intervals; ``0``: never.
+        histogram_every_n_steps: per-unit histograms at the first log step after each multiple of this;
+            ``None``: ten log intervals; ``0``: never.
         every_n_steps: observe every this many optimizer steps (1: every step).
         horizon: the tracker's forecast horizon, in steps.
         window: the tracker's fitting window, in observations.
@@ -125,11 +127,14 @@ class ShockMonitor(Callback):
         _check_int("max_events", max_events, 0)
         if not isinstance(prefix, str) or not prefix or prefix != prefix.strip("/ "):
             raise ValueError(
-                f"Expected argument `prefix` to be a non-empty string without leading or trailing '/', but got {prefix!r}"
+                "Expected argument `prefix` to be a non-empty string without leading or trailing '/',"
+                f" but got {prefix!r}"
             )
         for name, kw in (("tracker_kwargs", tracker_kwargs), ("observer_kwargs", observer_kwargs)):
             if kw is not None and not isinstance(kw, Mapping):
-                raise TypeError(f"Expected argument `{name}` to be a dict or None, but got {type(kw).__name__}")
+                raise TypeError(
+                    f"Expected argument `{name}` to be a dict or None, but got {type(kw).__name__}"
+                )
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.every_n_steps = every_n_steps
@@ -177,7 +182,9 @@ class ShockMonitor(Callback):
             observer_state = self._observer.state_dict()
         elif self._pending_observer_state is not None:
             observer_state = self._pending_observer_state
-        tracker_state = self._tracker.state_dict() if self._tracker is not None else self._pending_tracker_state
+        tracker_state = (
+            self._tracker.state_dict() if self._tracker is not None else self._pending_tracker_state
+        )
         return {
             "version": 1,
             "tracker": tracker_state,
@@ -194,8 +201,12 @@ class ShockMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._observations = int(state_dict.get("observations", 0))
         self._alerts = int(state_dict.get("alerts", 0))
-        self._alerts_by_group = Counter({str(k): int(v) for k, v in state_dict.get("alerts_by_group", {}).items()})
-        self._events = deque((ShockEvent.from_dict(d) for d in state_dict.get("events", [])), maxlen=self.max_events)
+        self._alerts_by_group = Counter(
+            {str(k): int(v) for k, v in state_dict.get("alerts_by_group", {}).items()}
+        )
+        self._events = deque(
+            (ShockEvent.from_dict(d) for d in state_dict.get("events", [])), maxlen=self.max_events
+        )
         self._latest = {str(k): float(v) for k, v in state_dict.get("latest", {}).items()}
         self._last_read_step = int(state_dict.get("last_read_step", -1))
         self._last_hist_step = int(state_dict.get("last_hist_step", -1))
@@ -245,7 +256,8 @@ class ShockMonitor(Callback):
 
     @property
     def latest(self) -> dict[str, float]:
-        """The tracker summary at the last read (keys without prefix: ``steps_to_shock``, ``shock``, ``state/<g>``...)."""
+        """The tracker summary at the last read (keys without prefix: ``steps_to_shock``, ``shock``,
+        ``state/<g>``...)."""
         return dict(self._latest)
 
     @property
@@ -293,11 +305,13 @@ class ShockMonitor(Callback):
         same = [cb for cb in trainer.callbacks if isinstance(cb, ShockMonitor) and cb.prefix == self.prefix]
         if len(same) > 1:
             raise MisconfigurationException(
-                f"{len(same)} ShockMonitor callbacks share the prefix {self.prefix!r}; give each its own `prefix`"
-                " (it names their tags and their state in checkpoints)."
+                f"{len(same)} ShockMonitor callbacks share the prefix {self.prefix!r}; give each its own"
+                " `prefix` (it names their tags and their state in checkpoints)."
             )
         self._reset_run_state()
-        self._log_every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        self._log_every = (
+            trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        )
         if self.histogram_every_n_steps is None:
             self._hist_every = 10 * self._log_every
         else:
@@ -309,7 +323,7 @@ class ShockMonitor(Callback):
             self._pending_tracker_state = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Built here, not in setup: `configure_model` and the strategy (device move, sharding) have run by now.
+        # Built here, not in setup: `configure_model` and the strategy (device move, sharding) have run.
         self._observer = self._make_observer(pl_module)
         if self._pending_observer_state is not None and hasattr(self._observer, "load_state_dict"):
             self._observer.load_state_dict(self._pending_observer_state)
@@ -319,7 +333,9 @@ class ShockMonitor(Callback):
             rank_zero_info(str(report))
         if trainer.is_global_zero:
             for writer in tb.tensorboard_writers(trainer.loggers):
-                writer.add_text(f"{self.prefix}/symmetry_report", tb.report_markdown(report), trainer.global_step)
+                writer.add_text(
+                    f"{self.prefix}/symmetry_report", tb.report_markdown(report), trainer.global_step
+                )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step  # after a restore, the resumed step
@@ -452,4 +468,3 @@ class ShockMonitor(Callback):
                 if k.startswith("hist:") and isinstance(v, np.ndarray) and v.size and np.isfinite(v).all():
                     writer.add_histogram(f"{p}/{k[len('hist:') :]}", v, step)
         self._layout_written = True
-

@@ -1,8 +1,8 @@
 """What TensorBoard gets beyond scalars: alert text, per-unit histograms and a custom-scalars layout.
 
-Scalars go through Lightning's logger API (every logger gets them); this module only formats the TensorBoard-specific
-extras and finds the TensorBoard writers among a Trainer's loggers. It imports nothing from TensorBoard itself: the
-writers come from Lightning's ``TensorBoardLogger.experiment``.
+Scalars go through Lightning's logger API (every logger gets them); this module only formats the
+TensorBoard-specific extras and finds the TensorBoard writers among a Trainer's loggers. It imports nothing
+from TensorBoard itself: the writers come from Lightning's ``TensorBoardLogger.experiment``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def tensorboard_writers(loggers: Iterable[Any]) -> list[Any]:
     for logger in loggers:
         if isinstance(logger, (TensorBoardLogger, FabricTensorBoardLogger)):
             writer = logger.experiment
-            if hasattr(writer, "add_text"):  # a DummyExperiment on non-zero ranks has no such method worth calling
+            # a DummyExperiment on non-zero ranks has no such method worth calling
+            if hasattr(writer, "add_text"):
                 writers.append(writer)
     return writers
 
@@ -49,7 +50,8 @@ def alerts_markdown(events: Sequence[ShockEvent]) -> str:
 
     Example:
         >>> from shockmon.events import EventKind
-        >>> print(alerts_markdown([ShockEvent(EventKind.FORECAST, "mlp.0", "particle", 120, 180.0, 4.2, (3, 17))]))
+        >>> event = ShockEvent(EventKind.FORECAST, "mlp.0", "particle", 120, 180.0, 4.2, (3, 17))
+        >>> print(alerts_markdown([event]))
         | step | kind | group | view | forecast shock step | lead (steps) | strength | units |
         | ---: | --- | --- | --- | ---: | ---: | ---: | --- |
         | 120 | **forecast** | `mlp.0` | particle | 180 | 60 | 4.20 | 3, 17 |
@@ -84,9 +86,11 @@ def _module_path(tag: str, prefix: str) -> str | None:
     return None
 
 
-def custom_scalars_layout(tags: Iterable[str], groups: Iterable[str], prefix: str = "shockmon") -> dict[str, Any]:
-    """The custom-scalars layout: each module's quotient observables beside their raw counterparts, each group's
-    forecast beside its alerts, and the tracker's global signals.
+def custom_scalars_layout(
+    tags: Iterable[str], groups: Iterable[str], prefix: str = "shockmon"
+) -> dict[str, Any]:
+    """The custom-scalars layout: each module's quotient observables beside their raw counterparts, each
+    group's forecast beside its alerts, and the tracker's global signals.
 
     Args:
         tags: the scalar tags that are logged (with ``prefix``).
@@ -94,11 +98,14 @@ def custom_scalars_layout(tags: Iterable[str], groups: Iterable[str], prefix: st
         prefix: the tag prefix.
 
     Returns:
-        ``{category: {chart title: ["Multiline", [regex, ...]]}}``, as ``SummaryWriter.add_custom_scalars`` takes it.
+        ``{category: {chart title: ["Multiline", [regex, ...]]}}``, as ``SummaryWriter.add_custom_scalars``
+        takes it.
 
     Example:
         >>> lay = custom_scalars_layout(
-        ...     ["shockmon/quotient/rescale/mlp.0/path_mass_max", "shockmon/raw/mlp.0.weight"], ["rescale/mlp.0"])
+        ...     ["shockmon/quotient/rescale/mlp.0/path_mass_max", "shockmon/raw/mlp.0.weight"],
+        ...     ["rescale/mlp.0"],
+        ... )
         >>> lay["shockmon: quotient vs raw"]["mlp.0"]
         ['Multiline', ['^shockmon/quotient/[^/]+/mlp\\\\.0/', '^shockmon/raw/mlp\\\\.0[./]']]
         >>> lay["shockmon: forecasts and alerts"]["rescale/mlp.0"][1][0]
@@ -109,7 +116,10 @@ def custom_scalars_layout(tags: Iterable[str], groups: Iterable[str], prefix: st
     paths = dict.fromkeys(m for m in (_module_path(t, prefix) for t in tags) if m is not None)
     # A module's raw tags: ``raw/<module>/<name>`` and its parameters' ``raw/<module>.<param>``.
     quotient_vs_raw = {
-        path: ["Multiline", [f"^{p}/quotient/[^/]+/{regex_escape(path)}/", f"^{p}/raw/{regex_escape(path)}[./]"]]
+        path: [
+            "Multiline",
+            [f"^{p}/quotient/[^/]+/{regex_escape(path)}/", f"^{p}/raw/{regex_escape(path)}[./]"],
+        ]
         for path in paths
     }
     if not quotient_vs_raw and any(t.startswith(f"{prefix}/raw/") for t in tags):
@@ -119,7 +129,10 @@ def custom_scalars_layout(tags: Iterable[str], groups: Iterable[str], prefix: st
         e = regex_escape(g)
         forecasts[g] = ["Multiline", [f"^{p}/forecast/{e}$", f"^{p}/alerts/{e}$", f"^{p}/state/{e}$"]]
     tracker = {
-        "steps to shock, shock, alerts": ["Multiline", [f"^{p}/steps_to_shock$", f"^{p}/shock$", f"^{p}/alerts$"]],
+        "steps to shock, shock, alerts": [
+            "Multiline",
+            [f"^{p}/steps_to_shock$", f"^{p}/shock$", f"^{p}/alerts$"],
+        ],
         "viscosity": ["Multiline", [f"^{p}/viscosity/"]],
         "Burgers consistency": ["Multiline", [f"^{p}/burgers_consistency$"]],
     }

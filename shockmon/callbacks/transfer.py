@@ -1,8 +1,8 @@
 """One device→host transfer for many tensors.
 
-The monitor's contract is *at most one* device→host copy per logging step. :func:`to_host` packs every value (0-d
-scalars and 1-D per-unit vectors alike) into one flat tensor on the device, copies it once, and splits it back on the
-host into Python floats and NumPy arrays.
+The monitor's contract is *at most one* device→host copy per logging step. :func:`to_host` packs every value
+(0-d scalars and 1-D per-unit vectors alike) into one flat tensor on the device, copies it once, and splits it
+back on the host into Python floats and NumPy arrays.
 """
 
 from __future__ import annotations
