@@ -223,19 +223,22 @@ class DemoResult:
     events: list[ShockEvent] = field(default_factory=list)
     log_dir: str = ""
     symmetry_report: str = ""
+    horizon: int = 200
 
     def leads(self) -> list[tuple[ShockEvent, int | None]]:
         """Each event with how many steps before the jump it fired (negative: after; ``None``: no jump)."""
         return [(e, None if self.jump_step is None else self.jump_step - e.step) for e in self.events]
 
-    def first_lead(self) -> int | None:
-        """Steps from the first forecast or shock alert at or before the jump to the jump."""
-        early = [
-            lead
+    def warnings_before_jump(self) -> list[tuple[ShockEvent, int]]:
+        """Forecast and shock alerts that fired within the monitor's horizon before the jump, with their lead.
+
+        Alerts long before it (the memorisation phase has transitions of its own) are not counted.
+        """
+        return [
+            (e, lead)
             for e, lead in self.leads()
-            if lead is not None and lead >= 0 and e.kind.value != "divergence"
+            if lead is not None and 0 <= lead <= self.horizon and e.kind.value != "divergence"
         ]
-        return max(early) if early else None
 
 
 def _first(history: list[tuple[int, float, float]], column: int, threshold: float) -> int | None:
@@ -340,6 +343,7 @@ def run_demo(
         events=monitor.events,
         log_dir=str(logger.log_dir),
         symmetry_report=str(monitor.report),
+        horizon=monitor.horizon,
     )
 
 
@@ -373,9 +377,16 @@ def format_summary(r: DemoResult, max_events: int = 12) -> str:
             )
         if len(r.events) > max_events:
             lines.append(f"    ... {len(r.events) - max_events} more (TensorBoard: text shockmon/alert_text)")
-        lead = r.first_lead()
-        if lead is not None:
-            lines.append(f"  first alert: {lead} steps before test accuracy jumped")
+    if r.jump_step is not None:
+        warned = r.warnings_before_jump()
+        if warned:
+            e, lead = warned[0]
+            lines.append(
+                f"  warned before the jump: {len(warned)} alert(s) within {r.horizon} steps of it,"
+                f" the first a {e.kind.value} at step {e.step}, {lead} steps ahead"
+            )
+        else:
+            lines.append(f"  warned before the jump: no alert in the {r.horizon} steps before it")
     lines.append(f"  TensorBoard: tensorboard --logdir {os.path.dirname(r.log_dir.rstrip('/')) or r.log_dir}")
     return "\n".join(lines)
 

@@ -19,8 +19,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:.*smaller than the logging interval:UserWarning",
     "ignore:.*LeafSpec.*",
     "ignore:.*args parameter is intended to run from within Python.*",
-    "ignore:.*deprecated in v4.*",
-    "ignore:.*JsonargparseDeprecationWarning.*",
+    "ignore::DeprecationWarning:lightning.pytorch.cli",  # jsonargparse 4.49+ deprecations inside LightningCLI
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -90,7 +89,12 @@ def test_demo_summary_names_alerts_and_their_lead():
         in text
     )
     assert "45 steps after the jump" in text
-    assert "first alert: 130 steps before test accuracy jumped" in text
+    assert (
+        "warned before the jump: 1 alert(s) within 200 steps of it, the first a forecast at step 480, 130"
+        in text
+    )
+    late = demo.DemoResult("mlp", 1200, "cpu", 41.0, 260, 610, 1.0, 1.0, events=events[1:], horizon=100)
+    assert "warned before the jump: no alert in the 100 steps before it" in demo.format_summary(late)
     assert "tensorboard --logdir runs/grokking_mlp" in text
     none = demo.DemoResult("mlp", 10, "cpu", 1.0, None, None, math.nan, math.nan)
     assert "not reached (run longer: --steps)" in demo.format_summary(none)
