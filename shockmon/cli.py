@@ -27,7 +27,7 @@ def _positive_int(text: str) -> int:
 # Kept here (and checked against shockmon.demo by the tests): `shockmon --help` does not import Lightning.
 DEMO_MODELS = ("mlp", "transformer")
 DEMO_DEVICES = ("auto", "cpu", "cuda")
-DEMO_DEFAULT_STEPS = {"mlp": 1200, "transformer": 3000}
+DEMO_DEFAULT_STEPS = {"mlp": 1200, "transformer": 2500}
 
 
 def _add_demo(subparsers: Any) -> None:

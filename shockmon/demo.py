@@ -30,10 +30,13 @@ from shockmon.events import ShockEvent
 MODELS = ("mlp", "transformer")
 DEVICES = ("auto", "cpu", "cuda")
 
-#: Per-model defaults: hyper-parameters known to grok, and enough steps to show the jump and its aftermath.
+#: Per-model defaults: hyper-parameters that grok, and enough steps to show the jump and its aftermath.
+#: Measured here with seed 0 (full batch, CPU): the MLP fits its training set by step 260 and jumps (test
+#: accuracy >= 0.9) at step 610; the transformer fits by step 200 and jumps at step 1750 (with lr 1e-3 it had
+#: not jumped by step 3000).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"lr": 3e-3, "weight_decay": 1.0, "train_fraction": 0.5, "steps": 1200},
-    "transformer": {"lr": 1e-3, "weight_decay": 1.0, "train_fraction": 0.4, "steps": 3000},
+    "transformer": {"lr": 3e-3, "weight_decay": 1.0, "train_fraction": 0.4, "steps": 2500},
 }
 
 FIT_ACC = 0.99  # "train accuracy fit"
