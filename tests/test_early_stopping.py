@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -163,3 +164,33 @@ def test_shock_early_stopping_state_dict_round_trip(tmp_path):
     plain.load_state_dict(EarlyStopping("val_loss").state_dict())  # an EarlyStopping checkpoint loads too
     assert plain.stopping_reason is EarlyStoppingReason.NOT_STOPPED
     assert ShockEarlyStopping("a").state_key != ShockEarlyStopping("b").state_key
+
+
+class _NaNOnRankOne(TinyMLP):
+    """Puts a NaN into rank 1's weights right after optimizer step 7: only rank 1's monitor sees it."""
+
+    def optimizer_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().optimizer_step(*args, **kwargs)
+        if self.global_rank == 1 and self.global_step + 1 == 7:
+            with torch.no_grad():
+                self.net[0].weight[0, 0] = float("nan")
+
+
+class _WriteFinalState(Callback):
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        stopper = next(cb for cb in trainer.callbacks if isinstance(cb, ShockEarlyStopping))
+        text = f"{trainer.global_step} {stopper.stopping_reason.value} {stopper.stopping_event is not None}"
+        Path(self.folder, f"rank{trainer.global_rank}").write_text(text)
+
+
+@pytest.mark.slow
+def test_shock_early_stopping_decision_is_agreed_across_ranks(tmp_path):
+    callbacks = [ShockMonitor(log_every_n_steps=1), ShockEarlyStopping(), _WriteFinalState(str(tmp_path))]
+    tr = trainer(tmp_path, callbacks, max_steps=40, strategy="ddp_spawn", devices=2)
+    tr.fit(_NaNOnRankOne())
+    results = {p.name: p.read_text() for p in tmp_path.glob("rank*")}
+    # rank 1 saw the divergence; rank 0 did not, but stopped at the same step by the agreed decision
+    assert results == {"rank0": "7 divergence False", "rank1": "7 divergence True"}
