@@ -232,16 +232,22 @@ class DemoResult:
         """Each event with how many steps before the jump it fired (negative: after; ``None``: no jump)."""
         return [(e, None if self.jump_step is None else self.jump_step - e.step) for e in self.events]
 
-    def warnings_before_jump(self) -> list[tuple[ShockEvent, int]]:
-        """Forecast and shock alerts that fired within the monitor's horizon before the jump, with their lead.
+    def warnings_before(self, step: int | None) -> list[tuple[ShockEvent, int]]:
+        """Forecast and shock alerts that fired within the monitor's horizon before ``step``, with their lead.
 
-        Alerts long before it (the memorisation phase has transitions of its own) are not counted.
+        Alerts long before it (an earlier transition's) are not counted.
         """
+        if step is None:
+            return []
         return [
-            (e, lead)
-            for e, lead in self.leads()
-            if lead is not None and 0 <= lead <= self.horizon and e.kind.value != "divergence"
+            (e, step - e.step)
+            for e in self.events
+            if 0 <= step - e.step <= self.horizon and e.kind.value != "divergence"
         ]
+
+    def warnings_before_jump(self) -> list[tuple[ShockEvent, int]]:
+        """:meth:`warnings_before` the jump of test accuracy."""
+        return self.warnings_before(self.jump_step)
 
 
 def _first(history: list[tuple[int, float, float]], column: int, threshold: float) -> int | None:
@@ -380,16 +386,22 @@ def format_summary(r: DemoResult, max_events: int = 12) -> str:
             )
         if len(r.events) > max_events:
             lines.append(f"    ... {len(r.events) - max_events} more (TensorBoard: text shockmon/alert_text)")
-    if r.jump_step is not None:
-        warned = r.warnings_before_jump()
-        if warned:
-            e, lead = warned[0]
-            lines.append(
-                f"  warned before the jump: {len(warned)} alert(s) within {r.horizon} steps of it,"
-                f" the first a {e.kind.value} at step {e.step}, {lead} steps ahead"
-            )
-        else:
-            lines.append(f"  warned before the jump: no alert in the {r.horizon} steps before it")
+    for name, step in (("the fit", r.fit_step), ("the jump", r.jump_step)):
+        if step is None:
+            continue
+        warned = r.warnings_before(step)
+        if not warned:
+            lines.append(f"  warned before {name} (step {step}): no alert in the {r.horizon} steps before it")
+            continue
+        e, lead = warned[0]
+        line = (
+            f"  warned before {name} (step {step}): {len(warned)} alert(s) within {r.horizon} steps,"
+            f" the first a {e.kind.value} at step {e.step} ({lead} steps ahead)"
+        )
+        predicted = [x.predicted_step for x, _ in warned if math.isfinite(x.predicted_step)]
+        if predicted:
+            line += f"; closest predicted step {min(predicted, key=lambda p: abs(p - step)):.0f}"
+        lines.append(line)
     lines.append(f"  TensorBoard: tensorboard --logdir {os.path.dirname(r.log_dir.rstrip('/')) or r.log_dir}")
     return "\n".join(lines)
 

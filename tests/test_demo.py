@@ -90,11 +90,14 @@ def test_demo_summary_names_alerts_and_their_lead():
     )
     assert "45 steps after the jump" in text
     assert (
-        "warned before the jump: 1 alert(s) within 200 steps of it, the first a forecast at step 480, 130"
-        in text
+        "warned before the jump (step 610): 1 alert(s) within 200 steps, the first a forecast at step 480"
+        " (130 steps ahead); closest predicted step 640" in text
     )
+    assert "warned before the fit (step 260): no alert in the 200 steps before it" in text
     late = demo.DemoResult("mlp", 1200, "cpu", 41.0, 260, 610, 1.0, 1.0, events=events[1:], horizon=100)
-    assert "warned before the jump: no alert in the 100 steps before it" in demo.format_summary(late)
+    assert "warned before the jump (step 610): no alert in the 100 steps before it" in demo.format_summary(
+        late
+    )
     assert "tensorboard --logdir runs/grokking_mlp" in text
     none = demo.DemoResult("mlp", 10, "cpu", 1.0, None, None, math.nan, math.nan)
     assert "not reached (run longer: --steps)" in demo.format_summary(none)
