@@ -18,21 +18,19 @@ KIND_FORECAST, KIND_SHOCK, KIND_DIVERGENCE = 0, 1, 2
 ROW_FIXED = 5
 
 
-def forecast_trend(
-    ts: Tensor, Ts: Tensor, sds: Tensor, min_points: int, bandwidth: int
-) -> tuple[Tensor, Tensor]:
+def forecast_trend(ts: Tensor, Ts: Tensor, sds: Tensor, min_points: int) -> tuple[Tensor, Tensor]:
     """Slope and standard error of the forecast shock time ``T`` against time, per group, over a history.
 
     Args:
         ts, Ts: ``(G, M)`` float64 times and forecasts (non-finite where there was no forecast).
         sds: ``(G, M)`` standard errors of the forecasts (from the significance test's standard errors).
         min_points: fewer finite entries give ``nan``.
-        bandwidth: Bartlett (Newey--West) bandwidth, in updates, of the slope's residual standard error.
 
     Successive forecasts come from overlapping windows, so their errors are correlated over about one window and the
     scatter about the line understates the slope's uncertainty. The returned standard error is the larger of the
-    Newey--West one and a model-based one: forecasts with errors ``sd`` correlated over the history behave like
-    two independent values at its ends, so ``SE ~ 1.5 rms(sd) / span``.
+    residual one (which catches misfit: a forecast hopping between particles) and a model-based one: forecasts with
+    errors ``sd`` correlated over the history behave like two independent values at its ends, so
+    ``SE ~ 1.5 rms(sd) / span``.
 
     Along Burgers characteristics ``tau = -1/lambda`` shrinks at rate one (``ds/dt = -s^2``), so the forecast
     ``T = t + tau`` stays put: slope 0. A stationary contraction (gradient flow into a minimum, an
@@ -50,13 +48,7 @@ def forecast_trend(
     stt = (dt * dt).sum(1)
     b = (dt * (y0 - ybar)).sum(1) / stt.clamp_min(1e-300)
     res = (y0 - ybar - b[:, None] * dt) * m
-    # Newey-West: lags measured in chronological rank of the history entries
-    rank = torch.argsort(torch.argsort(torch.where(torch.isfinite(ts), ts, torch.full_like(ts, -math.inf)), 1), 1)
-    lag = (rank[:, :, None] - rank[:, None, :]).abs().double()
-    kern = (1.0 - lag / float(bandwidth)).clamp_min(0)
-    h = dt * res
-    var = (h[:, :, None] * kern * h[:, None, :]).sum((1, 2)).clamp_min(0) * cnt / (cnt - 2).clamp_min(1)
-    se = torch.sqrt(var) / stt.clamp_min(1e-300)
+    se = torch.sqrt((res * res).sum(1) / (cnt - 2).clamp_min(1) / stt.clamp_min(1e-300))
     sd0 = torch.where(ok, sds, torch.zeros_like(sds))
     rms = torch.sqrt((sd0 * sd0 * m).sum(1) / cnt.clamp_min(1))
     tmax = torch.where(ok, ts, torch.full_like(ts, -math.inf)).amax(1)
@@ -71,7 +63,7 @@ def forecast_trend(
 def step_machine(
     st: dict[str, Tensor],
     upd: Tensor,
-    warm: Tensor,
+    warm: bool,
     steps_to: Tensor,
     steps_raw: Tensor,
     shock_cond: Tensor,
@@ -82,7 +74,7 @@ def step_machine(
 
     Args:
         st: state tensors ``state, on, off, shk, cool, div`` of shape ``(G,)`` (updated in place).
-        upd: groups updated this call; warm: past the warm-up gate (``(G,)`` bool).
+        upd: groups updated this call (``(G,)`` bool); warm: past the warm-up gate.
         steps_to: steps to the forecast shock (``inf`` when none, or not Burgers-consistent).
         steps_raw: steps to shock from the raw significant compression (keeps an in-shock state alive).
         shock_cond: the shock criterion holds; nonfinite: the input was non-finite.
@@ -94,7 +86,7 @@ def step_machine(
     """
     state, on, off, shk, cool = st["state"], st["on"], st["off"], st["shk"], st["cool"]
     zero = torch.zeros_like(on)
-    arm = warm & (steps_to < cfg["h_on"]) & (cool == 0)
+    arm = (steps_to < cfg["h_on"]) & (cool == 0) & warm
     on_new = torch.where(arm, on + 1, zero)
     far = torch.where(state == IN_SHOCK, steps_raw > cfg["h_off"], steps_to > cfg["h_off"])
     off_new = torch.where(far, off + 1, zero)

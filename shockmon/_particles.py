@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
+from typing import Any
 
 import torch
 
@@ -71,12 +72,35 @@ def window_weights(times: Tensor, filled: int) -> tuple[Tensor, Tensor, Tensor, 
     return w_slope, w_mean, tbar, var_iid, var_walk
 
 
-def fit_window(pos: Tensor, w_slope: Tensor, w_mean: Tensor) -> tuple[Tensor, Tensor]:
-    """Centre positions and least-squares velocities ``(B, n, D)`` of a ring ``pos: (B, L, n, D)``."""
+def window_weights_host(times: list[float], filled: int) -> tuple[list[float], list[float], float, float, float]:
+    """:func:`window_weights` in host arithmetic, for times known on the host (steps, or a float learning rate)."""
+    L = len(times)
+    valid = [i < filled for i in range(L)]
+    cnt = float(min(filled, L))
+    tbar = sum(t for t, ok in zip(times, valid) if ok) / cnt
+    dt = [(t - tbar) if ok else 0.0 for t, ok in zip(times, valid)]
+    stt = max(sum(d * d for d in dt), 1e-300)
+    w_slope = [d / stt for d in dt]
+    w_mean = [(1.0 / cnt) if ok else 0.0 for ok in valid]
+    chron = sorted((t, i) for i, (t, ok) in enumerate(zip(times, valid)) if ok)
+    acc, var_walk = 0.0, 0.0
+    cs = []
+    for _, i in reversed(chron):
+        acc += w_slope[i]
+        cs.append(acc)
+    cs.reverse()
+    for j in range(1, len(chron)):
+        var_walk += (chron[j][0] - chron[j - 1][0]) * cs[j] ** 2
+    return w_slope, w_mean, tbar, 1.0 / stt, var_walk
+
+
+def fit_window(pos: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Centre positions and least-squares velocities ``(B, n, D)`` of a ring ``pos: (B, L, n, D)``.
+
+    ``w``: ``(2, L)`` weights, the mean's then the slope's.
+    """
     B, L, n, D = pos.shape
-    flat = pos.reshape(B, L, n * D)
-    w = torch.stack([w_mean, w_slope]).to(pos.dtype)  # (2, L)
-    out = torch.matmul(w, flat)  # (B, 2, n*D)
+    out = torch.matmul(w.to(pos.dtype), pos.reshape(B, L, n * D))  # (B, 2, n*D)
     return out[:, 0].reshape(B, n, D), out[:, 1].reshape(B, n, D)
 
 
@@ -87,7 +111,7 @@ def mad_var(r: Tensor) -> Tensor:
     return (MAD_TO_SD * med) ** 2
 
 
-def _third_difference(x: list[Tensor], t: list[Tensor]) -> tuple[Tensor, Tensor, float]:
+def _third_difference(x: list[Tensor], t: list[Any]) -> tuple[Tensor, Any, float]:
     """``d1 - 2 d2 + d3`` of the increments ``d_k = x_{k-1} - x_k`` of four snapshots (newest first).
 
     It annihilates constant, linear and quadratic motion (exactly for evenly spaced times; for a smoothly varying
@@ -99,13 +123,17 @@ def _third_difference(x: list[Tensor], t: list[Tensor]) -> tuple[Tensor, Tensor,
     return e, fd, 20.0
 
 
-def noise_update(snaps: list[Tensor], times: list[Tensor]) -> tuple[Tensor, Tensor]:
+def _positive(x: Any) -> Any:
+    return x.clamp_min(1e-300) if isinstance(x, Tensor) else max(float(x), 1e-300)
+
+
+def noise_update(snaps: list[Tensor], times: list[Any]) -> tuple[Tensor, Tensor]:
     """Instantaneous diffusion rate and position-noise variance per group from the newest snapshots.
 
     Args:
-        snaps: the newest snapshots, newest first, ``(B, n, D)`` each: seven of them, or three to six with less
-            information (see below).
-        times: their times (0-d float64), newest first.
+        snaps: the newest snapshots, newest first, ``(B, m)`` each (any particles-by-coordinates subset): seven of
+            them, or three to six with less information (see below).
+        times: their times (floats or 0-d float64 tensors), newest first.
 
     Returns:
         ``(D_rate, s_m2)``, float64 ``(B,)``, unclamped (average them over updates, then clamp at zero).
@@ -118,19 +146,18 @@ def noise_update(snaps: list[Tensor], times: list[Tensor]) -> tuple[Tensor, Tens
     attributed to diffusion alone, the conservative choice for the velocities' standard errors.
     """
     if len(snaps) < 7:
-        k = len(snaps)
-        if k >= 4:
+        if len(snaps) >= 4:
             e, fd, _ = _third_difference(snaps[:4], times[:4])
         else:
             e = (snaps[0] - snaps[1]) - (snaps[1] - snaps[2])
             fd = times[0] - times[2]
         v = mad_var(e).double()
-        return v / fd.clamp_min(1e-300), torch.zeros_like(v)
+        return v / _positive(fd), torch.zeros_like(v)
     e1, fd1, fm1 = _third_difference(snaps[:4], times[:4])
     e2, fd2, fm2 = _third_difference(snaps[0:7:2], times[0:7:2])
     v1 = mad_var(e1).double()
     v2 = mad_var(e2).double()
-    d = (v2 - v1) / (fd2 - fd1).clamp_min(1e-300)
+    d = (v2 - v1) / _positive(fd2 - fd1)
     sm2 = (v1 - d * fd1) / fm1
     return d, sm2
 
@@ -141,18 +168,19 @@ def sorted_windows(n: int, k: int, device: torch.device) -> Tensor:
     return (p - k // 2).clamp(0, max(n - k, 0))
 
 
-def local_rates_1d(xc: Tensor, v: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def local_rates_1d(xc: Tensor, v: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Local velocity gradient in 1-D: least-squares slope of ``v`` on ``x`` over ``k`` sorted neighbours.
 
     Args:
         xc: centre positions ``(B, n)``; v: velocities ``(B, n)``; k: neighbourhood size (``<= n``).
 
     Returns:
-        ``(lam, sxx, order, var_v)``: slopes and the position spread ``sum (x - mean)^2`` of each particle's window
-        (SE of the slope is ``sd_v / sqrt(sxx)``), ``(B, n)`` in particle order; ``order`` sorts the particles; and
-        the velocity noise variance per group ``(B,)``: the robust (MAD) variance of the fits' residuals, pooled over
-        the group, corrected for the two fitted parameters. It measures every source of velocity error (position
-        noise, diffusion, misfit) without a noise model.
+        ``(lam, sxx, var_v, dxs, dvs)``: slopes and the position spread ``sum (x - mean)^2`` of each particle's window
+        (SE of the slope is ``sd_v / sqrt(sxx)``), ``(B, n)`` in particle order; the velocity noise variance per
+        group ``(B,)``: the robust (MAD) variance of the fits' residuals (on windows half a window apart), pooled over
+        the group and corrected for the two fitted parameters, which measures every source of velocity error
+        (position noise, diffusion, misfit) without a noise model; and the position and velocity differences of
+        neighbours in sorted order ``(B, n - 1)``.
     """
     B, n = xc.shape
     order = torch.argsort(xc, dim=1)
@@ -163,40 +191,46 @@ def local_rates_1d(xc: Tensor, v: Tensor, k: int) -> tuple[Tensor, Tensor, Tenso
     dx = xw - xw.mean(-1, keepdim=True)
     dv = vw - vw.mean(-1, keepdim=True)
     sxx = (dx * dx).sum(-1)
-    sxv = (dx * dv).sum(-1)
-    slope = sxv / sxx.clamp_min(torch.finfo(xc.dtype).tiny)
-    resid = dv - slope[..., None] * dx
+    slope = (dx * dv).sum(-1) / sxx.clamp_min(torch.finfo(xc.dtype).tiny)
+    step = max(1, k // 2)
+    resid = dv[:, ::step] - slope[:, ::step, None] * dx[:, ::step]
     var_v = mad_var(resid).double() * (k / max(k - 2, 1))
     start = sorted_windows(n, k, xc.device).expand(B, n)
-    sxx_s = sxx.gather(1, start)
-    lam_s = slope.gather(1, start)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(n, device=xc.device).expand(B, n))
-    return lam_s.gather(1, rank), sxx_s.gather(1, rank), order, var_v
+    where = start.gather(1, rank)
+    return slope.gather(1, where), sxx.gather(1, where), var_v, xs.diff(dim=1), vs.diff(dim=1)
 
 
-def knn(xc: Tensor, k: int, chunk: int = 1024) -> Tensor:
-    """Exact ``k`` nearest neighbours (excluding self) ``(B, n, k)`` by ``cdist`` + ``topk``, in row chunks.
+def knn(xc: Tensor, k: int, rows: Tensor | None = None, chunk: int = 1024) -> Tensor:
+    """Exact ``k`` nearest neighbours (excluding self) by ``cdist`` + ``topk``, in row chunks.
 
-    Cost O(B n^2 D) time and O(B * chunk * n) memory.
+    Args:
+        xc: ``(B, n, D)`` positions.
+        k: neighbours per particle.
+        rows: optional ``(r,)`` particle indices to compute the lists of (all when ``None``).
+
+    Returns:
+        ``(B, r, k)`` neighbour indices. Cost O(B r n D) time, O(B * chunk * n) memory.
     """
     B, n, D = xc.shape
+    if rows is None:
+        rows = torch.arange(n, device=xc.device)
     out = []
-    ar = torch.arange(n, device=xc.device)
-    for s in range(0, n, chunk):
-        d = torch.cdist(xc[:, s : s + chunk], xc)  # (B, c, n)
-        rows = ar[s : s + chunk]
-        d[:, torch.arange(rows.numel(), device=xc.device), rows] = math.inf
+    for s in range(0, rows.numel(), chunk):
+        r = rows[s : s + chunk]
+        d = torch.cdist(xc.index_select(1, r), xc)  # (B, c, n)
+        d[:, torch.arange(r.numel(), device=xc.device), r] = math.inf
         out.append(torch.topk(d, k, dim=2, largest=False).indices)
     return torch.cat(out, dim=1)
 
 
 def gather_neighbours(x: Tensor, idx: Tensor) -> Tensor:
-    """``x: (B, n, D)``, ``idx: (B, n, K)`` -> ``(B, n, K, D)``."""
+    """``x: (B, n, F)``, ``idx: (B, n, K)`` -> ``(B, n, K, F)`` (one ``index_select`` on the flattened rows)."""
     B, n, K = idx.shape
-    D = x.shape[-1]
-    flat = idx.reshape(B, n * K, 1).expand(B, n * K, D)
-    return torch.gather(x, 1, flat).reshape(B, n, K, D)
+    F = x.shape[-1]
+    off = (torch.arange(B, device=idx.device) * n)[:, None, None]
+    return x.reshape(B * n, F).index_select(0, (idx + off).reshape(-1)).reshape(B, n, K, F)
 
 
 def _sym_min_eig(S: Tensor) -> tuple[Tensor, Tensor]:
@@ -223,20 +257,26 @@ def _sym_min_eig(S: Tensor) -> tuple[Tensor, Tensor]:
     return w[..., 0], V[..., :, 0]
 
 
-def local_rates_jacobian(xc: Tensor, v: Tensor, idx: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor]:
+def local_rates_jacobian(
+    xc: Tensor, v: Tensor, idx: Tensor, sd_v: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``lambda_min`` of the symmetric part of the least-squares velocity gradient over each neighbourhood.
 
     ``dV ~ dX J`` is fitted over the particle and its ``K`` neighbours (centred); ``lambda = lambda_min(sym J)`` and
     its standard error ``sd * sqrt(e^T (dX^T dX)^-1 e)`` along the eigenvector ``e``, with ``sd`` the larger of the
-    model-based ``sd_v`` ``(B,)`` and the fits' pooled robust residual SD. Returns ``(lam, se, sd)``.
+    model-based ``sd_v`` ``(B,)`` and the fits' pooled robust residual SD. Returns ``(lam, se, sd, r2, dot)``, the last
+    two the pair statistics of :func:`pair_stats`.
     """
-    xn = torch.cat([xc[:, :, None], gather_neighbours(xc, idx)], 2)  # (B, n, K+1, D)
-    vn = torch.cat([v[:, :, None], gather_neighbours(v, idx)], 2)
+    D = xc.shape[-1]
+    nb = gather_neighbours(torch.cat([xc, v], -1), idx)
+    pdx = nb[..., :D] - xc[:, :, None]
+    pdv = nb[..., D:] - v[:, :, None]
+    xn = torch.cat([xc[:, :, None], nb[..., :D]], 2)  # (B, n, K+1, D)
+    vn = torch.cat([v[:, :, None], nb[..., D:]], 2)
     dx = xn - xn.mean(2, keepdim=True)
     dv = vn - vn.mean(2, keepdim=True)
     A = dx.transpose(-1, -2) @ dx  # (B, n, D, D)
     Bm = dx.transpose(-1, -2) @ dv
-    D = A.shape[-1]
     eye = torch.eye(D, dtype=A.dtype, device=A.device)
     ridge = 1e-6 * A.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] / D + torch.finfo(A.dtype).tiny
     Ainv = torch.linalg.inv(A + ridge * eye)
@@ -248,48 +288,59 @@ def local_rates_jacobian(xc: Tensor, v: Tensor, idx: Tensor, sd_v: Tensor) -> tu
     resid = dv - dx @ J
     var_v = mad_var(resid).double() * (k1 / max(k1 - D - 1, 1))
     sd = torch.maximum(sd_v.double(), var_v.sqrt()).to(lam.dtype)
-    return lam, sd[:, None] * torch.sqrt(q), sd
+    return lam, sd[:, None] * torch.sqrt(q), sd, (pdx * pdx).sum(-1), (pdx * pdv).sum(-1)
 
 
-def local_rates_pairs(xc: Tensor, v: Tensor, idx: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor]:
+def pair_stats(xc: Tensor, v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """``(|dx|^2, dx.dv)`` over the kNN pairs ``(B, n, K)``, from one gather of positions and velocities together."""
+    D = xc.shape[-1]
+    f = torch.cat([xc, v], -1)
+    d = gather_neighbours(f, idx) - f[:, :, None]
+    dx = d[..., :D]
+    return torch.linalg.vecdot(dx, dx), torch.linalg.vecdot(dx, d[..., D:])
+
+
+def local_rates_pairs(r2: Tensor, dot: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor]:
     """Pairwise strain rates over kNN pairs: ``dx.dv / |dx|^2 = -c/|dx|`` (``c`` the closing speed).
 
-    The time to close a pair is ``|dx|/c = -1/strain``; the most compressive pair of each particle gives its
+    The time to close a pair is ``|dx|/c = -1/strain``; the most significantly closing pair of each particle gives its
     ``lambda`` (the strain along a pair direction ``e`` is ``e^T J e >= lambda_min(sym J)``), with standard error
-    ``sqrt(2) sd_v / |dx|``.
+    ``sqrt(2) sd_v / |dx|``. Args: ``r2, dot`` from :func:`pair_stats`; ``sd_v`` ``(B,)``.
     """
-    dx = gather_neighbours(xc, idx) - xc[:, :, None]
-    dv = gather_neighbours(v, idx) - v[:, :, None]
-    r2 = (dx * dx).sum(-1).clamp_min(torch.finfo(xc.dtype).tiny)
-    strain = (dx * dv).sum(-1) / r2
-    se = math.sqrt(2.0) * sd_v[:, None, None] / torch.sqrt(r2)
-    z = strain / se.clamp_min(torch.finfo(xc.dtype).tiny)
-    j = torch.argmin(z, dim=2, keepdim=True)  # most significant closing pair of each particle
+    tiny = torch.finfo(r2.dtype).tiny
+    r2 = r2.clamp_min(tiny)
+    strain = dot / r2
+    inv_r = torch.rsqrt(r2)
+    se = (math.sqrt(2.0) * sd_v[:, None, None]) * inv_r
+    j = torch.argmin(dot * inv_r, dim=2, keepdim=True)  # z = strain/se is proportional to dot/|dx|
     return strain.gather(2, j)[..., 0], se.gather(2, j)[..., 0]
 
 
 def collapse_pairs(
-    dxc: Tensor, dxn: Tensor, dv: Tensor, sd_v: Tensor, sd_m: Tensor, nu: Tensor, z: float
+    r2: Tensor, dot: Tensor, dt_now: Tensor, sd_v: Tensor, sd_m: Tensor, nu: Tensor, z: float
 ) -> Tensor:
     """Whether any significantly closing pair has crossed or come within the viscous width, per group ``(B,)``.
 
     Args:
-        dxc: pair separations at the window centre ``(B, P, D)``; dxn: separations now (from the fitted lines);
-        dv: velocity differences.
+        r2, dot: ``|dx|^2`` and ``dx.dv`` of pairs at the window centre, ``(B, ...)``.
+        dt_now: time from the window centre to now (0-d).
         sd_v, sd_m: velocity and position noise SDs ``(B,)``; nu: viscosity ``(B,)`` (zero unless significant);
         z: critical value.
 
-    A pair is *closing* when its closing speed ``c = -dxc.dv/|dxc|`` exceeds ``z sqrt(2) sd_v``. It has *crossed*
-    when its separation now, projected on the centre separation, is below ``-z sqrt(2) sd_m``, and it is
-    *viscous* when ``|dxn| c < 2 nu`` (closer than the viscous width ``2 nu / c``).
+    A pair is *closing* when its closing speed ``c = -dx.dv/|dx|`` exceeds ``z sqrt(2) sd_v``. Its separation now,
+    along the fitted lines, is ``dx + dt dv``; projected on ``dx`` that is ``(|dx|^2 + dt dx.dv)/|dx|``. The pair has
+    *crossed* when that is below ``-z sqrt(2) sd_m``, and it is *viscous* when ``|proj| c < 2 nu`` (closer than the
+    viscous width ``2 nu / c``).
     """
-    tiny = torch.finfo(dxc.dtype).tiny
-    rc = dxc.norm(dim=-1).clamp_min(tiny)
-    c = -(dxc * dv).sum(-1) / rc
-    closing = c > z * math.sqrt(2.0) * sd_v[:, None]
-    proj = (dxn * dxc).sum(-1) / rc
-    crossed = proj < -z * math.sqrt(2.0) * sd_m[:, None]
-    viscous = dxn.norm(dim=-1) * c < 2.0 * nu[:, None]
+    B = r2.shape[0]
+    r2 = r2.reshape(B, -1)
+    dot = dot.reshape(B, -1)
+    inv_r = torch.rsqrt(r2.clamp_min(torch.finfo(r2.dtype).tiny))
+    c = -dot * inv_r
+    closing = c > (z * math.sqrt(2.0)) * sd_v[:, None]
+    proj = (r2 + dt_now.to(r2.dtype) * dot) * inv_r
+    crossed = proj < -(z * math.sqrt(2.0)) * sd_m[:, None]
+    viscous = proj.abs() * c < 2.0 * nu[:, None]
     return (closing & (crossed | viscous)).any(1)
 
 

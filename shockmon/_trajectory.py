@@ -51,47 +51,64 @@ def residual_var(ring: Tensor, coef: Tensor, times: Tensor, tbar: Tensor, filled
     return (res * res).sum() / (dof * ring.shape[1])
 
 
-def path_rate(ring: Tensor, times: Tensor, filled: int, z: float) -> tuple[Tensor, Tensor]:
-    """``(s, tbar)``: compression rate along the path at the window's centre time, ``nan`` if ``|v|`` is not
-    significantly above its noise (``z`` standard errors, pooled over coordinates) or below float resolution."""
+def path_rate(ring: Tensor, times: Tensor, filled: int, z: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s, var_s, tbar)``: compression rate along the path at the window's centre time, its variance, and that time.
+
+    ``s = <v, a>/|v|^2`` from the quadratic fit; ``var_s ~ Var(a_parallel)/|v|^2`` (the acceleration's error along
+    ``v`` dominates). ``s`` is ``nan`` if ``|v|`` is not ``z`` standard errors (pooled over coordinates) above
+    its noise, or below float resolution.
+    """
     W, tbar, var_b = quadratic_weights(times, filled)
     coef = W.to(ring.dtype) @ ring
     b, c = coef[1], coef[2]
     vb = (b * b).sum()
-    s = (b * 2.0 * c).sum() / vb.clamp_min(torch.finfo(ring.dtype).tiny)
+    tiny = torch.finfo(ring.dtype).tiny
+    s = (b * 2.0 * c).sum() / vb.clamp_min(tiny)
     rv = residual_var(ring, coef, times, tbar, filled)
     P = ring.shape[1]
-    scale = ring.abs().amax() + torch.finfo(ring.dtype).tiny
-    floor = (64 * torch.finfo(ring.dtype).eps * scale) ** 2 * var_b.to(ring.dtype)
-    noise = (rv * var_b.to(ring.dtype) + floor) * P
+    scale = ring.abs().amax() + tiny
+    floor = (64 * torch.finfo(ring.dtype).eps * scale) ** 2
+    Winv = W.double() @ W.double().T  # coefficient covariance per unit residual variance
+    noise = ((rv + floor) * var_b.to(ring.dtype)) * P
     ok = vb > (z * z) * noise
-    return torch.where(ok, s, torch.full_like(s, math.nan)), tbar
+    var_s = (4.0 * (rv + floor).double() * Winv[2, 2]) / vb.double().clamp_min(1e-300)
+    nan = torch.full_like(s, math.nan)
+    return torch.where(ok, s, nan), torch.where(ok, var_s.to(s.dtype), nan), tbar
 
 
-def riccati_fit(ts: Tensor, ss: Tensor, min_points: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Line ``1/s = a + b t`` by least squares over the finite entries of a history.
+def riccati_fit(ts: Tensor, ss: Tensor, vs: Tensor, min_points: int, inflate: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Line ``1/s = a + b t`` by inverse-variance weighted least squares over the finite entries of a history.
 
     Args:
-        ts, ss: ``(M,)`` times (float64) and rates (``nan`` where missing).
+        ts, ss, vs: ``(M,)`` times (float64), rates (``nan`` where missing) and their variances.
         min_points: fewer finite entries than this give ``nan``.
+        inflate: factor on the slope's standard error for the correlation of successive rates (they come from
+            overlapping windows).
+
+    The variance of ``y = 1/s`` is ``var_s / s^4`` (delta method), so early, small rates weigh little. The slope's
+    standard error is the larger of the weighted-residual one and the model one, times ``inflate``.
 
     Returns:
         ``(b, se_b, t_star)``: slope, its standard error, and the zero of the line (``inf`` when ``b <= 0`` or the
         current ``1/s >= 0``, i.e. no blow-up ahead).
     """
     y = (1.0 / ss).double()
-    ok = torch.isfinite(y) & torch.isfinite(ts)
-    m = ok.double()
-    cnt = m.sum()
+    s2 = ss.double() ** 2
+    vy = vs.double() / (s2 * s2).clamp_min(1e-300)
+    ok = torch.isfinite(y) & torch.isfinite(ts) & torch.isfinite(vy) & (vy > 0)
+    w = torch.where(ok, 1.0 / torch.where(ok, vy, torch.ones_like(vy)), torch.zeros_like(vy))
+    cnt = ok.double().sum()
     t0 = torch.where(ok, ts, torch.zeros_like(ts))
     y0 = torch.where(ok, y, torch.zeros_like(y))
-    tbar = (m * t0).sum() / cnt.clamp_min(1)
-    ybar = (m * y0).sum() / cnt.clamp_min(1)
-    dt = (t0 - tbar) * m
-    stt = (dt * dt).sum()
-    b = (dt * (y0 - ybar)).sum() / stt.clamp_min(1e-300)
-    res = (y0 - ybar - b * dt) * m
-    se = torch.sqrt((res * res).sum() / (cnt - 2).clamp_min(1) / stt.clamp_min(1e-300))
+    sw = w.sum().clamp_min(1e-300)
+    tbar = (w * t0).sum() / sw
+    ybar = (w * y0).sum() / sw
+    dt = (t0 - tbar) * ok.double()
+    stt = (w * dt * dt).sum()
+    b = (w * dt * (y0 - ybar)).sum() / stt.clamp_min(1e-300)
+    res = (y0 - ybar - b * dt) * ok.double()
+    chi2 = (w * res * res).sum() / (cnt - 2).clamp_min(1)
+    se = inflate * torch.sqrt(chi2.clamp_min(1.0) / stt.clamp_min(1e-300))
     enough = (cnt >= min_points) & (stt > 0)
     nan = torch.full_like(b, math.nan)
     b = torch.where(enough, b, nan)

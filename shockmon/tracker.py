@@ -37,6 +37,8 @@ Tensor = torch.Tensor
 __all__ = ["BurgersTracker"]
 
 TRAJECTORY = "trajectory"
+#: per-group features passed from the views to the alert logic, in this column order
+_FEATURES = ("T", "sd_T", "tau", "strength", "collapse", "nonfinite", "nu")
 _KINDS = {al.KIND_FORECAST: EventKind.FORECAST, al.KIND_SHOCK: EventKind.SHOCK, al.KIND_DIVERGENCE: EventKind.DIVERGENCE}
 _METHODS = ("auto", "jacobian", "pairs")
 _TIMES = ("step", "lr")
@@ -66,6 +68,7 @@ class _Bucket:
         B = len(names)
         self.pos = torch.zeros(B, L, n, D, dtype=dtype, device=device)
         self.times = torch.zeros(L, dtype=torch.float64, device=device)
+        self.times_host: list[float] | None = [0.0] * L  # mirror while every time is known on the host
         self.count = 0
         self.noise_d = torch.zeros(B, dtype=torch.float64, device=device)
         self.noise_m = torch.zeros(B, dtype=torch.float64, device=device)
@@ -75,6 +78,7 @@ class _Bucket:
         self.v = torch.zeros(B, n, D, dtype=dtype, device=device)
         self.tc = torch.zeros((), dtype=torch.float64, device=device)
         self.knn: Tensor | None = None
+        self.gidx: Tensor | None = None  # the members' group indices, cached on device
         self.sub: Tensor | None = None  # (B, n) original indices when subsampled
 
     def take(self, keep: list[int]) -> _Bucket:
@@ -84,6 +88,7 @@ class _Bucket:
         for f in ("pos", "noise_d", "noise_m", "noise_dvar", "xc", "v"):
             setattr(nb, f, getattr(self, f).index_select(0, idx).clone())
         nb.times = self.times.clone()
+        nb.times_host = None if self.times_host is None else list(self.times_host)
         nb.tc = self.tc.clone()
         nb.count, nb.noise_count = self.count, self.noise_count
         nb.knn = None if self.knn is None else self.knn.index_select(0, idx).clone()
@@ -92,6 +97,7 @@ class _Bucket:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("names", "n", "D", "L", "count", "noise_count")}
+        d["times_host"] = None if self.times_host is None else list(self.times_host)
         d["dtype"] = str(self.dtype).replace("torch.", "")
         for k in ("pos", "times", "noise_d", "noise_m", "noise_dvar", "xc", "v", "tc", "knn", "sub"):
             d[k] = getattr(self, k)
@@ -101,6 +107,7 @@ class _Bucket:
     def from_dict(cls, d: dict[str, Any], device: torch.device) -> _Bucket:
         b = cls(d["names"], d["n"], d["D"], getattr(torch, d["dtype"]), device, d["L"])
         b.count, b.noise_count = int(d["count"]), int(d["noise_count"])
+        b.times_host = None if d["times_host"] is None else list(d["times_host"])
         for k in ("pos", "times", "noise_d", "noise_m", "noise_dvar", "xc", "v", "tc", "knn", "sub"):
             val = d[k]
             setattr(b, k, None if val is None else val.to(device).clone())
@@ -144,9 +151,11 @@ class BurgersTracker:
         cooldown: updates after a disarm during which no forecast arms.
         warmup: no forecast or shock event before this step.
         shock_updates: updates the shock criterion must hold.
-        riccati_window: forecasts in the Burgers-consistency fit (default ``window``), ``>= 4``.
+        riccati_window: forecasts in the particle view's Burgers-consistency fit (default ``window``), ``>= 4``.
+        trajectory_window: rates ``s`` in the trajectory view's Riccati fit (default ``4 * window``), ``>= 4``.
         max_particles: larger groups are tracked on a fixed random subsample of this size.
-        knn_every: in D > 1, neighbour lists are refreshed every this many updates (round-robin over groups).
+        knn_every: in D > 1, each particle's neighbour list is recomputed (exactly) every this many updates; a
+            slice of ``n / knn_every`` lists per group is refreshed at each update, so the cost is steady.
         units: unit indices carried by each event.
         capacity: events buffered on device between polls.
         seed: seeds the subsample.
@@ -180,7 +189,7 @@ class BurgersTracker:
         neighbors: int = 8,
         *,
         alpha: float = 1e-3,
-        rank: int = 3,
+        rank: int = 2,
         quantile: float | None = None,
         method: str = "auto",
         time: str = "step",
@@ -191,8 +200,9 @@ class BurgersTracker:
         warmup: int = 0,
         shock_updates: int = 1,
         riccati_window: int | None = None,
+        trajectory_window: int | None = None,
         max_particles: int = 4096,
-        knn_every: int = 8,
+        knn_every: int = 64,
         units: int = 8,
         capacity: int = 4096,
         seed: int = 0,
@@ -222,11 +232,21 @@ class BurgersTracker:
         self.shock_updates = _int_arg("shock_updates", shock_updates, 1)
         rw = self.window if riccati_window is None else riccati_window
         self.riccati_window = _int_arg("riccati_window", rw, 4)
+        tw = 4 * self.window if trajectory_window is None else trajectory_window
+        self.trajectory_window = _int_arg("trajectory_window", tw, 4)
         self.max_particles = _int_arg("max_particles", max_particles, max(self.neighbors + 1, 3))
         self.knn_every = _int_arg("knn_every", knn_every, 1)
         self.units = _int_arg("units", units, 0)
         self.capacity = _int_arg("capacity", capacity, 1)
         self.seed = _int_arg("seed", seed, 0)
+        self._cfg = dict(
+            h_on=self.horizon,
+            h_off=self.disarm_horizon,
+            n_on=self.n_on,
+            n_off=self.n_off,
+            n_shock=self.shock_updates,
+            cooldown=self.cooldown,
+        )
         self.reset()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -242,6 +262,11 @@ class BurgersTracker:
         self._traj: dict[str, Any] | None = None
         self._g: dict[str, Tensor] = {}
         self._read = 0
+        self._feat_default: Tensor | None = None
+        self._units_default: Tensor | None = None
+        self._rows_fixed: Tensor | None = None
+        self._t_host: float | None = None  # the current time, while it is known on the host
+        self._rate_host: float | None = None
 
     def _init_device(self, device: torch.device) -> None:
         self._device = device
@@ -377,10 +402,18 @@ class BurgersTracker:
         if self.time == "lr":
             if lr is not None:
                 g["rate"] = torch.as_tensor(lr, dtype=torch.float64).to(dev).reshape(())
+                self._rate_host = float(lr) if isinstance(lr, numbers.Real) else None
             if self._last_step is not None:
                 g["t"] = g["t"] + g["rate"] * float(step - self._last_step)
+                if self._t_host is not None and self._rate_host is not None:
+                    self._t_host += self._rate_host * float(step - self._last_step)
+                else:
+                    self._t_host = None
+            else:
+                self._t_host = 0.0 if self._rate_host is not None else None
         else:
-            g["t"] = torch.tensor(float(step), dtype=torch.float64, device=dev)
+            self._t_host = float(step)
+            g["t"] = torch.tensor(self._t_host, dtype=torch.float64, device=dev)
         t_now = g["t"]
         self._last_step = step
         # ---- group registry (host-side shape checks)
@@ -424,146 +457,142 @@ class BurgersTracker:
                 b.sub = torch.stack(subs).to(dev)
             self._buckets.append(b)
         self._reindex()
-        # ---- per-bucket particle view
+        # ---- per-bucket particle view: one row of features per group (see _FEATURES)
         G = len(self._names)
         f64 = dict(dtype=torch.float64, device=dev)
-        T_all = torch.full((G,), math.inf, **f64)
-        sdT_all = torch.full((G,), math.inf, **f64)
-        traw_all = torch.full((G,), math.inf, **f64)
-        str_all = torch.zeros(G, **f64)
-        coll_all = torch.zeros(G, dtype=torch.bool, device=dev)
-        nonf_all = torch.zeros(G, dtype=torch.bool, device=dev)
-        units_all = torch.full((G, self.units), -1, dtype=torch.long, device=dev)
-        nfu_all = torch.full((G, self.units), -1, dtype=torch.long, device=dev)
-        nu_all = g["nu"].clone()
+        if self._feat_default is None or self._feat_default.shape[0] != G:
+            row = torch.tensor([math.inf, math.inf, math.inf, 0.0, 0.0, 0.0, math.nan], **f64)
+            self._feat_default = row.expand(G, len(row)).contiguous()
+            self._units_default = torch.full((G, 2 * self.units), -1, dtype=torch.long, device=dev)
+        F = self._feat_default.clone()
+        U = self._units_default.clone()
         upd_list = [False] * G
         for b in self._buckets:
             if b.names[0] not in groups:
                 continue
-            out = self._bucket_update(b, [groups[nm] for nm in b.names], t_now)
-            gi = torch.tensor([self._names.index(nm) for nm in b.names], device=dev)
-            for nm in b.names:
-                upd_list[self._names.index(nm)] = True
-            T_all.index_copy_(0, gi, out["T"])
-            sdT_all.index_copy_(0, gi, out["sdT"])
-            traw_all.index_copy_(0, gi, out["traw"])
-            str_all.index_copy_(0, gi, out["strength"])
-            coll_all.index_copy_(0, gi, out["collapse"])
-            nonf_all.index_copy_(0, gi, out["nonfinite"])
-            units_all.index_copy_(0, gi, out["units"])
-            nfu_all.index_copy_(0, gi, out["nf_units"])
-            nu_all.index_copy_(0, gi, out["nu"])
+            feat, units = self._bucket_update(b, [groups[nm] for nm in b.names], t_now)
+            gi_host = [self._names.index(nm) for nm in b.names]
+            if b.gidx is None or b.gidx.numel() != len(gi_host):
+                b.gidx = torch.tensor(gi_host, device=dev)
+            F.index_copy_(0, b.gidx, feat)
+            U.index_copy_(0, b.gidx, units)
+            for gi in gi_host:
+                upd_list[gi] = True
         # ---- trajectory view
-        traj_cons = torch.full((), math.nan, **f64)
         if trajectory is not None:
             upd_list[0] = True
-            tr = self._traj_update(trajectory, t_now)
-            T_all[0] = tr["T"]
-            traw_all[0] = tr["T"] - t_now
-            str_all[0] = tr["strength"]
-            nonf_all[0] = tr["nonfinite"]
-            traj_cons = tr["b"]
-            g["consistency"] = tr["b"]
+            feat0, traj_cons = self._traj_update(trajectory, t_now)
+            F[0] = feat0
+            g["consistency"] = traj_cons
+        T_all, sdT_all, traw_all, str_all, coll_all, nonf_all, nu_all = F.unbind(1)
         # ---- Riccati gate on the particle groups' forecast history
         M = self.riccati_window
-        for gi in range(1, G):
-            if upd_list[gi]:
-                slot = self._hist_count[gi] % M
-                g["hist_t"][gi, slot] = t_now
-                g["hist_T"][gi, slot] = T_all[gi]
-                g["hist_sd"][gi, slot] = sdT_all[gi]
+        rows_h = [gi for gi in range(1, G) if upd_list[gi]]
+        if rows_h:
+            ri = torch.tensor(rows_h, device=dev)
+            si = torch.tensor([self._hist_count[gi] % M for gi in rows_h], device=dev)
+            for gi in rows_h:
                 self._hist_count[gi] += 1
-        slope, se = al.forecast_trend(g["hist_t"], g["hist_T"], g["hist_sd"], max(4, M // 2), self.window)
+            g["hist_t"][ri, si] = t_now
+            g["hist_T"][ri, si] = T_all.index_select(0, ri)
+            g["hist_sd"][ri, si] = sdT_all.index_select(0, ri)
+        slope, se = al.forecast_trend(g["hist_t"], g["hist_T"], g["hist_sd"], max(4, M // 2))
         consistent = (slope < 0.5) & (slope + self._Z_GATE * se < 1.0)
         plateau = (slope - self._Z_PLATEAU * se > 0.5) & (traw_all < math.inf)
         if trajectory is not None:
             consistent[0] = (traj_cons > 0.5) & (traj_cons < 2.0) & torch.isfinite(T_all[0])
             plateau[0] = False
-        T_g = torch.where(consistent, T_all, torch.full_like(T_all, math.inf))
+        inf_g = torch.full_like(T_all, math.inf)
+        T_g = torch.where(consistent, T_all, inf_g)
         reached = consistent & (T_all <= t_now)
         armed = g["state"] == al.IMMINENT
-        shock_cond = reached | (coll_all & (armed | consistent)) | (plateau & armed)
+        shock_cond = reached | ((coll_all > 0) & (armed | consistent)) | (plateau & armed)
         shock_cond[0] = reached[0]
         rate = g["rate"]
         steps_to = (T_g - t_now) / rate
         steps_raw = traw_all / rate
         upd = torch.tensor(upd_list, device=dev)
-        warm = torch.full((G,), step >= self.warmup, dtype=torch.bool, device=dev)
-        cfg = dict(
-            h_on=self.horizon,
-            h_off=self.disarm_horizon,
-            n_on=self.n_on,
-            n_off=self.n_off,
-            n_shock=self.shock_updates,
-            cooldown=self.cooldown,
-        )
-        to_fc, to_sh, to_div = al.step_machine(g, upd, warm, steps_to, steps_raw, shock_cond, nonf_all, cfg)
+        warm = step >= self.warmup
+        to_fc, to_sh, to_div = al.step_machine(g, upd, warm, steps_to, steps_raw, shock_cond, nonf_all > 0, self._cfg)
         pred = step + steps_to
         g["pred"] = torch.where(upd, pred, g["pred"])
         g["steps"] = torch.where(upd, steps_to.clamp_min(0), g["steps"])
         g["nu"] = torch.where(upd, nu_all, g["nu"])
         # ---- events: per group a divergence row then a state-machine row
-        kind = torch.where(to_sh, al.KIND_SHOCK, al.KIND_FORECAST).double()
-        stepv = torch.full((G,), float(step), **f64)
-        gidx = torch.arange(G, **f64)
-        pred_ev = torch.where(to_sh & ~torch.isfinite(pred), torch.full_like(pred, float(step)), pred)
-        rows_sm = torch.cat([torch.stack([stepv, gidx, kind, pred_ev, str_all], 1), units_all.double()], 1)
-        rows_dv = torch.cat(
-            [
-                torch.stack([stepv, gidx, torch.full_like(gidx, al.KIND_DIVERGENCE), pred, torch.zeros_like(gidx)], 1),
-                nfu_all.double(),
-            ],
-            1,
-        )
+        if self._rows_fixed is None or self._rows_fixed.shape[0] != G:
+            gidx = torch.arange(G, **f64)
+            self._rows_fixed = torch.stack([gidx, torch.full_like(gidx, al.KIND_DIVERGENCE)], 1)
+        stepv = torch.full((G, 1), float(step), **f64)
+        kind = to_sh.double()[:, None]  # KIND_FORECAST = 0, KIND_SHOCK = 1
+        pred_ev = torch.where(to_sh & ~torch.isfinite(pred), float(step), pred)[:, None]
+        gcol = self._rows_fixed[:, :1]
+        Ud = U.double()
+        rows_sm = torch.cat([stepv, gcol, kind, pred_ev, str_all[:, None], Ud[:, : self.units]], 1)
+        rows_dv = torch.cat([stepv, self._rows_fixed, pred[:, None], torch.zeros_like(stepv), Ud[:, self.units :]], 1)
         rows = torch.stack([rows_dv, rows_sm], 1).reshape(2 * G, -1)
         flags = torch.stack([to_div, to_fc | to_sh], 1).reshape(2 * G)
         al.write_events(g["buf"], g["counter"], rows, flags)
 
-    def _bucket_update(self, b: _Bucket, xs: list[Tensor], t_now: Tensor) -> dict[str, Tensor]:
+    def _bucket_update(self, b: _Bucket, xs: list[Tensor], t_now: Tensor) -> tuple[Tensor, Tensor]:
+        """Particle view of one bucket: features ``(B, 7)`` (see ``_FEATURES``) and unit indices ``(B, 2 units)``."""
         dev, L, K = b.device, b.L, self.neighbors
         x = torch.stack([xi.to(device=dev, dtype=b.dtype) for xi in xs])
         if x.dim() == 2:
             x = x[..., None]
         if b.sub is not None:
-            x = torch.gather(x, 1, b.sub[..., None].expand(-1, -1, b.D))
+            x = pt.gather_neighbours(x, b.sub[:, :, None])[:, :, 0]
         B, n, D = x.shape
         fin = torch.isfinite(x).all(-1)  # (B, n)
         nonfinite = ~fin.all(1)
         if b.count >= 2:
             guess = b.xc + b.v * (t_now - b.tc).to(b.dtype)
         elif b.count == 1:
-            guess = b.pos[:, (b.count - 1) % L]
+            guess = b.pos[:, 0]
         else:
             guess = torch.zeros_like(x)
         x = torch.where(fin[..., None], x, guess)
         slot = b.count % L
         b.pos[:, slot] = x
         b.times[slot] = t_now
+        th = self._t_host
+        if b.times_host is not None and th is not None:
+            b.times_host[slot] = th
+        else:
+            b.times_host = None
         b.count += 1
         filled = min(b.count, L)
-        inf = torch.full((B,), math.inf, dtype=torch.float64, device=dev)
+        f64 = dict(dtype=torch.float64, device=dev)
         nf_units = self._units_of(b, (~fin).to(b.dtype))
-        out = dict(
-            T=inf,
-            sdT=inf,
-            traw=inf,
-            strength=torch.zeros(B, dtype=torch.float64, device=dev),
-            collapse=torch.zeros(B, dtype=torch.bool, device=dev),
-            nonfinite=nonfinite,
-            units=torch.full((B, self.units), -1, dtype=torch.long, device=dev),
-            nf_units=nf_units,
-            nu=torch.full((B,), math.nan, dtype=torch.float64, device=dev),
-        )
+        nonf = nonfinite.double()
+        nan_b = torch.full((B,), math.nan, **f64)
+
+        def pack(T: Tensor, sdT: Tensor, traw: Tensor, strength: Tensor, coll: Tensor, nu: Tensor, units: Tensor):
+            feat = torch.stack([T, sdT, traw, strength, coll, nonf, nu], 1)
+            return feat, torch.cat([units, nf_units], 1)
+
+        inf_b = torch.full((B,), math.inf, **f64)
+        zero_b = torch.zeros(B, **f64)
+        none_units = torch.full((B, self.units), -1, dtype=torch.long, device=dev)
         if b.count < 3:
-            return out
-        w_s, w_m, tc, var_iid, var_walk = pt.window_weights(b.times, filled)
-        xc, v = pt.fit_window(b.pos if filled == L else b.pos[:, :filled], w_s[:filled], w_m[:filled])
+            return pack(inf_b, inf_b, inf_b, zero_b, zero_b, nan_b, none_units)
+        # ---- least-squares fit over the window
+        if b.times_host is not None:
+            ws, wm, tc_h, var_iid, var_walk = pt.window_weights_host(b.times_host, filled)
+            w = torch.tensor([wm[:filled], ws[:filled]], dtype=b.dtype, device=dev)
+            tc = torch.tensor(tc_h, dtype=torch.float64, device=dev)
+            tn: list[Any] = b.times_host
+        else:
+            ws_t, wm_t, tc, var_iid, var_walk = pt.window_weights(b.times, filled)
+            w = torch.stack([wm_t[:filled], ws_t[:filled]])
+            tn = [b.times[i] for i in range(L)]
+        xc, v = pt.fit_window(b.pos if filled == L else b.pos[:, :filled], w)
         b.xc, b.v, b.tc = xc, v, tc
-        # noise: third differences of the newest snapshots (seven when the window allows)
+        # ---- noise: third differences of the newest snapshots (seven when the window allows), on a bounded subset
+        stride = max(1, -(-n * D // 256))  # <= 256 values per group: the estimates are averaged over 2L updates
         k_noise = min(7, L, b.count)
         slots = [(b.count - 1 - i) % L for i in range(k_noise)]
-        s0 = slots[0]
-        d_inst, m_inst = pt.noise_update([b.pos[:, s] for s in slots], [b.times[s] for s in slots])
+        snaps = [b.pos[:, s_, ::stride].reshape(B, -1) for s_ in slots]
+        d_inst, m_inst = pt.noise_update(snaps, [tn[s_] for s_ in slots])
         if k_noise == min(7, L) or b.noise_count == 0:
             # a running mean, then an exponential one over 2 windows; estimates from fewer snapshots than the full
             # stencil only seed it (they attribute all noise to diffusion)
@@ -575,74 +604,54 @@ class BurgersTracker:
             b.noise_dvar = b.noise_dvar + beta * (dev_d * dev_d * (1.0 - beta) - b.noise_dvar)
         d_rate = b.noise_d.clamp_min(0)
         eps = torch.finfo(b.dtype).eps
-        scale = xc.abs().amax((1, 2)).double() + xc.std((1, 2)).double() if n > 1 else xc.abs().amax((1, 2)).double()
-        floor_m = (16 * eps * scale) ** 2
-        sm2 = b.noise_m.clamp_min(0) + floor_m
-        sd_v = torch.sqrt(sm2 * var_iid + d_rate * var_walk)  # (B,) float64
+        floor_m = (16 * eps * xc.abs().amax((1, 2)).double()) ** 2
+        sd_v = torch.sqrt((b.noise_m.clamp_min(0) + floor_m) * var_iid + d_rate * var_walk)  # (B,) float64
         nu = 0.5 * d_rate
-        out["nu"] = nu
         # viscosity for the viscous-width test: only where the diffusion rate stands out of its estimation scatter
         # (successive estimates share a seven-snapshot stencil, so about min(count, 2L)/7 of them are independent)
         n_eff = max(1.0, min(b.noise_count, 2 * L) / 7.0)
         nu_sig = 0.5 * (b.noise_d - 3.0 * torch.sqrt(b.noise_dvar.clamp_min(0) / n_eff)).clamp_min(0)
-        # positions now, from the fitted lines (unbiased for smooth motion and less noisy than the newest snapshot),
-        # and the pooled scatter of the newest snapshot about them: a conservative position noise
-        x_hat = xc + v * (t_now - tc).to(b.dtype)
-        sd_m = torch.sqrt(pt.mad_var(b.pos[:, (b.count - 1) % L] - x_hat) + floor_m)
+        # positions now, from the fitted lines (unbiased for smooth motion and less noisy than the newest snapshot);
+        # the pooled scatter of the newest snapshot about them is a conservative position noise
+        dt_now = t_now - tc
+        resid_now = snaps[0] - (xc[:, ::stride] + v[:, ::stride] * dt_now.to(b.dtype)).reshape(B, -1)
+        sd_m = torch.sqrt(pt.mad_var(resid_now) + floor_m)
         k_eff = min(K, n - 1)
-        if k_eff < 1:
-            return out
+        if k_eff < 1 or b.count < L:  # forecasts only from full windows
+            return pack(inf_b, inf_b, inf_b, zero_b, zero_b, nu, none_units)
         method = self.method
         if method == "auto":
             method = "jacobian" if (D <= 2 and k_eff >= 2 * D + 1) else "pairs"
         sdv = sd_v.to(b.dtype)
-        newest = x_hat
         if D == 1 and method == "jacobian":
             kw = min(K, n)
-            lam, sxx, order, var_fit = pt.local_rates_1d(xc[..., 0], v[..., 0], kw)
+            lam, sxx, var_fit, dxs, dvs = pt.local_rates_1d(xc[..., 0], v[..., 0], kw)
             if kw >= 4:  # enough residual degrees of freedom: measure the velocity noise directly
                 sdv = torch.sqrt(var_fit + floor_m * var_iid).to(b.dtype)
-            se = sdv[:, None] / torch.sqrt(sxx.clamp_min(torch.finfo(b.dtype).tiny))
+            se = sdv[:, None] * torch.rsqrt(sxx.clamp_min(torch.finfo(b.dtype).tiny))
             ztests = n
-            # adjacent pairs in sorted (centre) order
-            xs_ = xc[..., 0].gather(1, order)
-            dxc = (xs_[:, 1:] - xs_[:, :-1])[..., None]
-            xn = newest[..., 0].gather(1, order)
-            dxn = (xn[:, 1:] - xn[:, :-1])[..., None]
-            vs = v[..., 0].gather(1, order)
-            dvp = (vs[:, 1:] - vs[:, :-1])[..., None]
+            r2, dot = dxs * dxs, dxs * dvs  # adjacent pairs in sorted order
         else:
             if b.knn is None or b.knn.shape[-1] != k_eff:
                 b.knn = pt.knn(xc, k_eff)
-            else:
-                due = [j for j in range(B) if (b.count + j) % self.knn_every == 0]
-                if due:
-                    idx = torch.tensor(due, device=dev)
-                    b.knn.index_copy_(0, idx, pt.knn(xc.index_select(0, idx), k_eff))
+            else:  # refresh a round-robin slice of the lists: each is at most `knn_every` updates old
+                per = -(-n // self.knn_every)
+                start = ((b.count - L) * per) % n
+                rows = torch.arange(start, min(start + per, n), device=dev)
+                b.knn[:, rows] = pt.knn(xc, k_eff, rows)
             if method == "jacobian":
-                lam, se, sdv = pt.local_rates_jacobian(xc, v, b.knn, sdv)
+                lam, se, sdv, r2, dot = pt.local_rates_jacobian(xc, v, b.knn, sdv)
                 ztests = n
             else:
-                lam, se = pt.local_rates_pairs(xc, v, b.knn, sdv)
+                r2, dot = pt.pair_stats(xc, v, b.knn)
+                lam, se = pt.local_rates_pairs(r2, dot, sdv)
                 ztests = n * k_eff
-            dxc = (pt.gather_neighbours(xc, b.knn) - xc[:, :, None]).reshape(B, n * k_eff, D)
-            dxn = (pt.gather_neighbours(newest, b.knn) - newest[:, :, None]).reshape(B, n * k_eff, D)
-            dvp = (pt.gather_neighbours(v, b.knn) - v[:, :, None]).reshape(B, n * k_eff, D)
         z = pt.bonferroni_z(self.alpha, ztests)
-        # particles that were non-finite anywhere in the window would carry a held value: exclude this update's
         rank = min(self.rank, n)
         tau, strength, units, sd_tau = pt.reduce_group(lam, se, fin, z, rank, self.quantile, self.units)
-        collapse = pt.collapse_pairs(dxc, dxn, dvp, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z)
+        coll = pt.collapse_pairs(r2, dot, dt_now, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z)
         tau = tau.double()
-        if b.count < L:  # forecasts only from full windows (the noise estimate needs them too)
-            tau = torch.full_like(tau, math.inf)
-        out["T"] = tc + tau
-        out["sdT"] = sd_tau.double()
-        out["traw"] = tc + tau - t_now
-        out["strength"] = strength.double()
-        out["collapse"] = collapse
-        out["units"] = self._map_units(b, units)
-        return out
+        return pack(tc + tau, sd_tau.double(), tau - dt_now, strength.double(), coll.double(), nu, self._map_units(b, units))
 
     def _map_units(self, b: _Bucket, units: Tensor) -> Tensor:
         if b.sub is None:
@@ -660,11 +669,12 @@ class BurgersTracker:
             u = torch.cat([u, torch.full((B, self.units - k), -1, dtype=u.dtype, device=u.device)], 1)
         return self._map_units(b, u)
 
-    def _traj_update(self, q: Tensor, t_now: Tensor) -> dict[str, Tensor]:
+    def _traj_update(self, q: Tensor, t_now: Tensor) -> tuple[Tensor, Tensor]:
+        """Trajectory view: its feature row ``(7,)`` and the Burgers-consistency slope (0-d)."""
         dev = self._device
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         q = q.to(device=dev, dtype=dtype)
-        P, L, M = q.shape[0], self.window, self.riccati_window
+        P, L, M = q.shape[0], self.window, self.trajectory_window
         tr = self._traj
         if tr is None or tr["ring"].shape[1] != P or tr["ring"].dtype != dtype:
             if tr is not None:
@@ -677,6 +687,7 @@ class BurgersTracker:
                 "count": 0,
                 "hist_t": torch.full((M,), math.nan, dtype=torch.float64, device=dev),
                 "hist_s": torch.full((M,), math.nan, dtype=torch.float64, device=dev),
+                "hist_v": torch.full((M,), math.nan, dtype=torch.float64, device=dev),
                 "hcount": 0,
             }
             self._hist_count[0] = 0
@@ -690,18 +701,25 @@ class BurgersTracker:
         filled = min(tr["count"], L)
         inf = torch.full((), math.inf, dtype=torch.float64, device=dev)
         nan = torch.full((), math.nan, dtype=torch.float64, device=dev)
+        f64 = dict(dtype=torch.float64, device=dev)
+        nonf = nonfinite.double().reshape(())
+        nan = torch.full((), math.nan, **f64)
+        inf = torch.full((), math.inf, **f64)
+        zero = torch.zeros((), **f64)
         if filled < 5:
-            return dict(T=inf, b=nan, strength=torch.zeros((), dtype=torch.float64, device=dev), nonfinite=nonfinite)
-        s, tbar = tj.path_rate(tr["ring"], tr["times"], filled, 4.0)
+            return torch.stack([inf, inf, inf, zero, zero, nonf, nan]), nan
+        s, var_s, tbar = tj.path_rate(tr["ring"], tr["times"], filled, 4.0)
         hs = tr["hcount"] % M
         tr["hist_t"][hs] = tbar
         tr["hist_s"][hs] = s.double()
+        tr["hist_v"][hs] = var_s.double()
         tr["hcount"] += 1
-        b, se, t_star = tj.riccati_fit(tr["hist_t"], tr["hist_s"], max(4, M // 2))
+        inflate = math.sqrt(L / 2.0)
+        b, se, t_star = tj.riccati_fit(tr["hist_t"], tr["hist_s"], tr["hist_v"], max(4, self.riccati_window // 2), inflate)
         ok = torch.isfinite(t_star) & (b - 3.0 * se > 0)
         T = torch.where(ok, t_star, inf)
-        strength = torch.where(ok, b / se.clamp_min(1e-300), torch.zeros_like(b))
-        return dict(T=T, b=b, strength=strength, nonfinite=nonfinite)
+        strength = torch.where(ok, b / se.clamp_min(1e-300), zero)
+        return torch.stack([T, inf, T - t_now, strength, zero, nonf, nan]), b
 
     # ------------------------------------------------------------------ outputs
     def _group_names(self) -> list[str]:
@@ -784,7 +802,7 @@ class BurgersTracker:
     def _config(self) -> dict[str, Any]:
         keys = (
             "horizon window neighbors alpha rank quantile method time n_on n_off disarm_horizon cooldown warmup "
-            "shock_updates riccati_window max_particles knn_every units capacity seed"
+            "shock_updates riccati_window trajectory_window max_particles knn_every units capacity seed"
         ).split()
         return {k: getattr(self, k) for k in keys}
 
@@ -802,6 +820,8 @@ class BurgersTracker:
             "traj": None if self._traj is None else dict(self._traj),
             "g": dict(self._g),
             "read": self._read,
+            "t_host": self._t_host,
+            "rate_host": self._rate_host,
         }
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
@@ -827,6 +847,8 @@ class BurgersTracker:
         self._traj = None if d["traj"] is None else {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in d["traj"].items()}
         self._g = {k: v.clone() for k, v in d["g"].items()}
         self._read = int(d["read"])
+        self._t_host = d["t_host"]
+        self._rate_host = d["rate_host"]
 
     def __getstate__(self) -> dict[str, Any]:
         return self.state_dict()
