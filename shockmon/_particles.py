@@ -234,7 +234,7 @@ def gather_neighbours(x: Tensor, idx: Tensor) -> Tensor:
 
 
 def _sym_min_eig(S: Tensor) -> tuple[Tensor, Tensor]:
-    """Smallest eigenvalue and its unit eigenvector of symmetric ``(..., D, D)``; closed form for D <= 2."""
+    """Smallest eigenvalue and its unit eigenvector of symmetric ``(..., D, D)``; closed form for D <= 3."""
     D = S.shape[-1]
     if D == 1:
         return S[..., 0, 0], torch.ones_like(S[..., 0])
@@ -253,8 +253,44 @@ def _sym_min_eig(S: Tensor) -> tuple[Tensor, Tensor]:
         fallback[..., 0] = 1.0
         e = torch.where(nrm > 0, e / nrm.clamp_min(torch.finfo(S.dtype).tiny), fallback)
         return lam, e
+    if D == 3:
+        return _sym3_min_eig(S)
     w, V = torch.linalg.eigh(S)
     return w[..., 0], V[..., :, 0]
+
+
+def _sym3_min_eig(S: Tensor) -> tuple[Tensor, Tensor]:
+    """Closed-form smallest eigenpair of symmetric 3x3 matrices (trigonometric method), vectorised."""
+    tiny = torch.finfo(S.dtype).tiny
+    a00, a11, a22 = S[..., 0, 0], S[..., 1, 1], S[..., 2, 2]
+    a01, a02, a12 = S[..., 0, 1], S[..., 0, 2], S[..., 1, 2]
+    q = (a00 + a11 + a22) / 3.0
+    p1 = a01 * a01 + a02 * a02 + a12 * a12
+    p2 = (a00 - q) ** 2 + (a11 - q) ** 2 + (a22 - q) ** 2 + 2.0 * p1
+    p = torch.sqrt(p2 / 6.0)
+    eye = torch.eye(3, dtype=S.dtype, device=S.device)
+    Bm = (S - q[..., None, None] * eye) / p.clamp_min(tiny)[..., None, None]
+    r = (torch.linalg.det(Bm) / 2.0).clamp(-1.0, 1.0)
+    phi = torch.acos(r) / 3.0
+    lam = torch.where(p > 0, q + 2.0 * p * torch.cos(phi + 2.0 * math.pi / 3.0), q)
+    # eigenvector: the largest cross product of two rows of S - lam I
+    M = S - lam[..., None, None] * eye
+    c = torch.stack(
+        [
+            torch.linalg.cross(M[..., 0, :], M[..., 1, :]),
+            torch.linalg.cross(M[..., 0, :], M[..., 2, :]),
+            torch.linalg.cross(M[..., 1, :], M[..., 2, :]),
+        ],
+        -2,
+    )
+    nrm = c.norm(dim=-1)
+    best = nrm.argmax(-1, keepdim=True)
+    e = c.gather(-2, best[..., None].expand(*best.shape, 3))[..., 0, :]
+    en = nrm.gather(-1, best)
+    fallback = torch.zeros_like(e)
+    fallback[..., 0] = 1.0
+    e = torch.where(en > tiny, e / en.clamp_min(tiny), fallback)
+    return lam, e
 
 
 def local_rates_jacobian(
@@ -291,13 +327,30 @@ def local_rates_jacobian(
     return lam, sd[:, None] * torch.sqrt(q), sd, (pdx * pdx).sum(-1), (pdx * pdv).sum(-1)
 
 
-def pair_stats(xc: Tensor, v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """``(|dx|^2, dx.dv)`` over the kNN pairs ``(B, n, K)``, from one gather of positions and velocities together."""
-    D = xc.shape[-1]
-    f = torch.cat([xc, v], -1)
-    d = gather_neighbours(f, idx) - f[:, :, None]
-    dx = d[..., :D]
-    return torch.linalg.vecdot(dx, dx), torch.linalg.vecdot(dx, d[..., D:])
+def feature_major(xc: Tensor, v: Tensor) -> Tensor:
+    """Positions and velocities ``(B, n, D)`` as one feature-major matrix ``(2D, B n)`` for :func:`pair_stats`."""
+    B, n, D = xc.shape
+    return torch.stack([xc, v], 0).permute(0, 3, 1, 2).reshape(2 * D, B * n)
+
+
+def pair_stats(fm: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """``(|dx|^2, dx.dv)`` over the kNN pairs, shaped ``(K, B, n)`` (neighbour-major).
+
+    Args:
+        fm: :func:`feature_major` positions and velocities ``(2D, B n)``.
+        idx: neighbour indices ``(B, n, K)``.
+
+    One ``index_select`` gathers positions and velocities of all neighbours at once; the feature-major layout makes
+    the sums over coordinates (and later the minimum over neighbours) run over leading dimensions, several times
+    faster on CPU than reducing a short trailing one.
+    """
+    B, n, K = idx.shape
+    D = fm.shape[0] // 2
+    off = (torch.arange(B, device=idx.device) * n)[:, None, None]
+    flat = (idx + off).permute(2, 0, 1).reshape(-1)  # (K, B n)
+    d = fm.index_select(1, flat).view(2 * D, K, B * n) - fm.view(2 * D, 1, B * n)
+    dx = d[:D]
+    return (dx * dx).sum(0).view(K, B, n), (dx * d[D:]).sum(0).view(K, B, n)
 
 
 def local_rates_pairs(r2: Tensor, dot: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor]:
@@ -305,15 +358,15 @@ def local_rates_pairs(r2: Tensor, dot: Tensor, sd_v: Tensor) -> tuple[Tensor, Te
 
     The time to close a pair is ``|dx|/c = -1/strain``; the most significantly closing pair of each particle gives its
     ``lambda`` (the strain along a pair direction ``e`` is ``e^T J e >= lambda_min(sym J)``), with standard error
-    ``sqrt(2) sd_v / |dx|``. Args: ``r2, dot`` from :func:`pair_stats`; ``sd_v`` ``(B,)``.
+    ``sqrt(2) sd_v / |dx|``. Args: ``r2, dot`` ``(K, B, n)`` from :func:`pair_stats`; ``sd_v`` ``(B,)``.
     """
     tiny = torch.finfo(r2.dtype).tiny
-    r2 = r2.clamp_min(tiny)
-    strain = dot / r2
-    inv_r = torch.rsqrt(r2)
-    se = (math.sqrt(2.0) * sd_v[:, None, None]) * inv_r
-    j = torch.argmin(dot * inv_r, dim=2, keepdim=True)  # z = strain/se is proportional to dot/|dx|
-    return strain.gather(2, j)[..., 0], se.gather(2, j)[..., 0]
+    inv_r = torch.rsqrt(r2.clamp_min(tiny))
+    j = torch.min(dot * inv_r, dim=0, keepdim=True).indices  # z = strain/se is proportional to dot/|dx|
+    ir = inv_r.gather(0, j)[0]
+    strain = dot.gather(0, j)[0] * ir * ir
+    se = (math.sqrt(2.0) * sd_v[:, None]) * ir
+    return strain, se
 
 
 def collapse_pairs(
@@ -322,7 +375,7 @@ def collapse_pairs(
     """Whether any significantly closing pair has crossed or come within the viscous width, per group ``(B,)``.
 
     Args:
-        r2, dot: ``|dx|^2`` and ``dx.dv`` of pairs at the window centre, ``(B, ...)``.
+        r2, dot: ``|dx|^2`` and ``dx.dv`` of pairs at the window centre, ``(B, ...)`` or ``(K, B, n)``.
         dt_now: time from the window centre to now (0-d).
         sd_v, sd_m: velocity and position noise SDs ``(B,)``; nu: viscosity ``(B,)`` (zero unless significant);
         z: critical value.
@@ -332,16 +385,23 @@ def collapse_pairs(
     *crossed* when that is below ``-z sqrt(2) sd_m``, and it is *viscous* when ``|proj| c < 2 nu`` (closer than the
     viscous width ``2 nu / c``).
     """
-    B = r2.shape[0]
-    r2 = r2.reshape(B, -1)
-    dot = dot.reshape(B, -1)
+    B = sd_v.shape[0]
+    gdim = 1 if (r2.dim() == 3 and r2.shape[0] != B) else 0  # neighbour-major (K, B, n) or (B, ...)
+    shape = [1] * r2.dim()
+    shape[gdim] = B
+
+    def per_group(t: Tensor) -> Tensor:
+        return t.reshape(shape)
+
     inv_r = torch.rsqrt(r2.clamp_min(torch.finfo(r2.dtype).tiny))
     c = -dot * inv_r
-    closing = c > (z * math.sqrt(2.0)) * sd_v[:, None]
+    closing = c > per_group((z * math.sqrt(2.0)) * sd_v)
     proj = (r2 + dt_now.to(r2.dtype) * dot) * inv_r
-    crossed = proj < -(z * math.sqrt(2.0)) * sd_m[:, None]
-    viscous = proj.abs() * c < 2.0 * nu[:, None]
-    return (closing & (crossed | viscous)).any(1)
+    crossed = proj < per_group(-(z * math.sqrt(2.0)) * sd_m)
+    viscous = proj.abs() * c < per_group(2.0 * nu)
+    hit = closing & (crossed | viscous)
+    dims = [d for d in range(hit.dim()) if d != gdim]
+    return hit.any(dims[0]).any(dims[1] - 1) if len(dims) == 2 else hit.any(dims[0])
 
 
 def reduce_group(
@@ -368,28 +428,28 @@ def reduce_group(
     sig = valid & (lam + z * se < 0) & torch.isfinite(lam)
     tau = torch.where(sig, -1.0 / torch.where(sig, lam, -torch.ones_like(lam)), torch.full_like(lam, math.inf))
     n_sig = sig.sum(1)
-    if quantile is None and rank <= 1:
-        tau_g = tau.amin(1)
-        pick = torch.argmin(tau, dim=1, keepdim=True)
-        sd_tau = torch.where(torch.isfinite(tau_g), (tau_g**2) * se.gather(1, pick)[:, 0], torch.full_like(tau_g, math.inf))
-    else:
-        r = min(rank, lam.shape[1])
-        srt = torch.topk(tau, r, dim=1, largest=False).values if quantile is None else torch.sort(tau, dim=1).values
-        if quantile is None:
-            kq = (n_sig.clamp(1, r) - 1)[:, None]
-        else:
-            kq = torch.floor(quantile * (n_sig - 1).clamp_min(0).to(lam.dtype)).long()[:, None]
-        tau_g = srt.gather(1, kq)[:, 0]
-    # uncertainty of the group's forecast: delta method on tau = -1/lambda of the particle whose tau was chosen
-    pick = torch.argmin((tau - tau_g[:, None]).abs(), dim=1, keepdim=True)
-    sd_tau = torch.where(torch.isfinite(tau_g), (tau_g**2) * se.gather(1, pick)[:, 0], torch.full_like(tau_g, math.inf))
     zscore = torch.where(sig, -lam / se.clamp_min(tiny), torch.zeros_like(lam))
     strength = zscore.amax(1)
-    k = min(k_units, lam.shape[1])
     score = torch.where(sig, -lam, torch.full_like(lam, -math.inf))
-    top = torch.topk(score, k, dim=1)
-    units = torch.where(torch.isfinite(top.values), top.indices, torch.full_like(top.indices, -1))
-    if k < k_units:
-        pad = torch.full((lam.shape[0], k_units - k), -1, dtype=units.dtype, device=units.device)
+    B, n = lam.shape
+    k = min(max(k_units, rank), n)
+    if quantile is None:
+        # one topk for both the rank statistic (smallest tau) and the units (most compressive): same order
+        top = torch.topk(score, k, dim=1)
+        r = min(rank, n)
+        kq = (n_sig.clamp(1, r) - 1)[:, None]
+        pick = top.indices.gather(1, kq)
+    else:
+        top = torch.topk(score, k, dim=1)
+        srt = torch.sort(tau, dim=1)
+        kq = torch.floor(quantile * (n_sig - 1).clamp_min(0).to(lam.dtype)).long()[:, None]
+        pick = srt.indices.gather(1, kq)
+    tau_g = tau.gather(1, pick)[:, 0]
+    # uncertainty of the group's forecast: delta method on tau = -1/lambda of the chosen particle
+    sd_tau = torch.where(torch.isfinite(tau_g), (tau_g**2) * se.gather(1, pick)[:, 0], torch.full_like(tau_g, math.inf))
+    ku = min(k_units, k)
+    units = torch.where(torch.isfinite(top.values[:, :ku]), top.indices[:, :ku], torch.full_like(top.indices[:, :ku], -1))
+    if ku < k_units:
+        pad = torch.full((B, k_units - ku), -1, dtype=units.dtype, device=units.device)
         units = torch.cat([units, pad], 1)
     return tau_g, strength, units, sd_tau

@@ -142,8 +142,10 @@ class BurgersTracker:
             statistic is much steadier than the minimum of many noisy estimates, and biased late by only about
             ``T'' (rank * spacing / 2)^2 / 2`` where ``T(x0)`` is the crossing time of the characteristic from ``x0``).
         quantile: if given, use this quantile of the significant particles' times to shock instead of ``rank``.
-        method: ``"auto"`` (least-squares Jacobian when ``D <= 2`` and ``K >= 2D + 1``, pairwise closing times
-            otherwise), ``"jacobian"`` or ``"pairs"``.
+        method: ``"auto"`` (least-squares Jacobian when ``D <= 3`` and ``K >= 2D + 1``, with closed-form eigenvalues;
+            pairwise closing times otherwise), ``"jacobian"`` (``torch.linalg.eigh`` beyond ``D = 3``) or ``"pairs"``.
+            Pairwise closing sees a compression along ``e`` only through ``(e . pair)^2``: with few neighbours in high
+            dimension its forecasts are late (conservative), never early.
         time: ``"step"`` or ``"lr"`` (learning-rate time ``t = sum lr``; forecasts are converted back to steps at the
             current learning rate).
         n_on, n_off: updates a condition must hold to arm / disarm.
@@ -175,7 +177,7 @@ class BurgersTracker:
         >>> predicted
         100
         >>> [(e.kind.value, e.step) for e in tracker.poll()]
-        [('forecast', 26), ('shock', 100)]
+        [('forecast', 24), ('shock', 101)]
     """
 
     VERSION = 1
@@ -621,7 +623,7 @@ class BurgersTracker:
             return pack(inf_b, inf_b, inf_b, zero_b, zero_b, nu, none_units)
         method = self.method
         if method == "auto":
-            method = "jacobian" if (D <= 2 and k_eff >= 2 * D + 1) else "pairs"
+            method = "jacobian" if (D <= 3 and k_eff >= 2 * D + 1) else "pairs"
         sdv = sd_v.to(b.dtype)
         if D == 1 and method == "jacobian":
             kw = min(K, n)
@@ -643,7 +645,7 @@ class BurgersTracker:
                 lam, se, sdv, r2, dot = pt.local_rates_jacobian(xc, v, b.knn, sdv)
                 ztests = n
             else:
-                r2, dot = pt.pair_stats(xc, v, b.knn)
+                r2, dot = pt.pair_stats(pt.feature_major(xc, v), b.knn)
                 lam, se = pt.local_rates_pairs(r2, dot, sdv)
                 ztests = n * k_eff
         z = pt.bonferroni_z(self.alpha, ztests)
