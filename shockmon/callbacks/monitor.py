@@ -42,6 +42,48 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
         raise ValueError(f"Expected argument `{name}` to be {what}, but got {value!r}")
 
 
+_SUPPORTED = (
+    "SingleDeviceStrategy (one device), DDPStrategy ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook') and"
+    " ModelParallelStrategy with FSDP2 `fully_shard` in `configure_model` (tensor_parallel_size=1)"
+)
+
+
+def _check_strategy(strategy: Any) -> None:
+    """Raise (at ``setup``) for a strategy whose parameters or collectives shockmon cannot follow yet."""
+    from lightning.pytorch import strategies as S
+
+    why = ""
+    if isinstance(strategy, S.DeepSpeedStrategy):  # a DDPStrategy subclass: test it first
+        why = "ZeRO keeps parameters and gradients in partitioned flat buffers"
+    elif isinstance(strategy, S.XLAStrategy):  # a DDPStrategy subclass too
+        why = "shockmon is not tested on multi-device XLA"
+    elif isinstance(strategy, S.FSDPStrategy):
+        why = (
+            "FSDP1 flat parameters split weight rows across ranks, so per-head Gram blocks cannot be"
+            " completed from partial sums without gathering parameters; use ModelParallelStrategy with FSDP2"
+            " `fully_shard`"
+        )
+    elif isinstance(strategy, S.ModelParallelStrategy):
+        try:
+            mesh = strategy.device_mesh
+        except RuntimeError:  # not set up: nothing to check yet
+            mesh = None
+        names = (mesh.mesh_dim_names or ()) if mesh is not None else ()
+        tp = mesh["tensor_parallel"].size() if mesh is not None and "tensor_parallel" in names else 1
+        if tp > 1:
+            why = (
+                f"tensor_parallel_size={tp} shards weights by columns; only data-parallel sharding by rows"
+                " (tensor_parallel_size=1) is supported"
+            )
+    elif not isinstance(strategy, (S.SingleDeviceStrategy, S.DDPStrategy)):
+        why = "it is none of the strategies shockmon follows"
+    if why:
+        raise MisconfigurationException(
+            f"ShockMonitor does not support the strategy {type(strategy).__name__}: {why}."
+            f" Supported: {_SUPPORTED}."
+        )
+
+
 class ShockMonitor(Callback):
     r"""Forecast training phase transitions ("shocks") from symmetry-reduced observables, and log them.
 
@@ -54,6 +96,13 @@ class ShockMonitor(Callback):
     new events to listeners such as :class:`~shockmon.ShockEarlyStopping`. At the end of training a last read
     logs what happened after the last log step. Validation, test, predict and sanity checking are not
     observed.
+
+    Distributed (``"ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``; FSDP2 ``fully_shard`` in ``configure_model``
+    under ``ModelParallelStrategy``): every rank computes the same observables and runs the same tracker, so
+    events and decisions agree without communication, and only rank zero writes to the loggers. Under DDP the
+    monitor communicates nothing; with sharded parameters each observation completes its partial sums with
+    one all-reduce of O(units) bytes per round (``observer.rows`` counts bytes and rounds). Other strategies
+    are refused at ``setup``.
 
     Logged tags (``<prefix>`` is ``shockmon`` by default; the step is ``trainer.global_step``):
 
@@ -171,6 +220,7 @@ class ShockMonitor(Callback):
         self._alerts = 0
         self._alerts_by_group: Counter[str] = Counter()
         self._latest: dict[str, float] = {}
+        self._last_metrics: dict[str, float] = {}
 
     @property
     def state_key(self) -> str:
@@ -261,6 +311,11 @@ class ShockMonitor(Callback):
         return dict(self._latest)
 
     @property
+    def last_metrics(self) -> dict[str, float]:
+        """The scalars of the last read, tags with prefix, as rank zero logs them (every rank has them)."""
+        return dict(self._last_metrics)
+
+    @property
     def shock_active(self) -> bool:
         """Whether a shock was active at the last read."""
         return self._latest.get("shock", 0.0) >= 1.0 or any(
@@ -302,6 +357,7 @@ class ShockMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        _check_strategy(trainer.strategy)
         same = [cb for cb in trainer.callbacks if isinstance(cb, ShockMonitor) and cb.prefix == self.prefix]
         if len(same) > 1:
             raise MisconfigurationException(
@@ -430,8 +486,10 @@ class ShockMonitor(Callback):
         for g in dict.fromkeys([*groups, *self._alerts_by_group]):
             metrics[f"{p}/alerts/{g}"] = float(self._alerts_by_group.get(g, 0))
         metrics[f"{p}/alerts"] = float(self._alerts)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        self._last_metrics = metrics
+        if trainer.is_global_zero:  # the same values on every rank: loggers get them once
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
 
         if trainer.is_global_zero:
             self._write_tensorboard(trainer, step, metrics, groups, new_events, host if histograms else {})
