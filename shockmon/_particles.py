@@ -226,11 +226,11 @@ def knn(xc: Tensor, k: int, rows: Tensor | None = None, chunk: int = 1024) -> Te
 
 
 def gather_neighbours(x: Tensor, idx: Tensor) -> Tensor:
-    """``x: (B, n, F)``, ``idx: (B, n, K)`` -> ``(B, n, K, F)`` (one ``index_select`` on the flattened rows)."""
+    """``x: (B, N, F)``, ``idx: (B, n, K)`` into ``N`` -> ``(B, n, K, F)`` (one ``index_select`` on flattened rows)."""
     B, n, K = idx.shape
-    F = x.shape[-1]
-    off = (torch.arange(B, device=idx.device) * n)[:, None, None]
-    return x.reshape(B * n, F).index_select(0, (idx + off).reshape(-1)).reshape(B, n, K, F)
+    N, F = x.shape[1], x.shape[-1]
+    off = (torch.arange(B, device=idx.device) * N)[:, None, None]
+    return x.reshape(B * N, F).index_select(0, (idx + off).reshape(-1)).reshape(B, n, K, F)
 
 
 def _sym_min_eig(S: Tensor) -> tuple[Tensor, Tensor]:

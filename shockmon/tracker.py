@@ -295,6 +295,19 @@ class BurgersTracker:
             "consistency": torch.full((), math.nan, **f64),
         }
 
+    def _move(self, device: torch.device) -> None:
+        """Move every state tensor to ``device`` (host-side, once)."""
+        self._device = device
+        self._g = {k: v.to(device) for k, v in self._g.items()}
+        for b in self._buckets:
+            b.device = device
+            for f in ("pos", "times", "noise_d", "noise_m", "noise_dvar", "xc", "v", "tc", "knn", "sub", "gidx"):
+                val = getattr(b, f)
+                setattr(b, f, None if val is None else val.to(device))
+        if self._traj is not None:
+            self._traj = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self._traj.items()}
+        self._feat_default = self._units_default = self._rows_fixed = None
+
     def _add_group(self, name: str) -> None:
         self._names.append(name)
         self._hist_count.append(0)
@@ -397,6 +410,8 @@ class BurgersTracker:
             if first is None:
                 raise ValueError("Expected at least one group or a trajectory on the first update, but got none")
             self._init_device(first.device)
+        elif first is not None and first.device != self._device:
+            self._move(first.device)  # e.g. state loaded from a CPU checkpoint, inputs on the GPU: once
         dev = self._device
         assert dev is not None
         g = self._g
@@ -541,11 +556,15 @@ class BurgersTracker:
         x = torch.stack([xi.to(device=dev, dtype=b.dtype) for xi in xs])
         if x.dim() == 2:
             x = x[..., None]
+        fin_all = torch.isfinite(x).all(-1)  # (B, N): divergence looks at every unit, tracked or not
+        nonfinite = ~fin_all.all(1)
+        nf_units = self._units_of((~fin_all).to(b.dtype))
         if b.sub is not None:
             x = pt.gather_neighbours(x, b.sub[:, :, None])[:, :, 0]
+            fin = fin_all.gather(1, b.sub)
+        else:
+            fin = fin_all
         B, n, D = x.shape
-        fin = torch.isfinite(x).all(-1)  # (B, n)
-        nonfinite = ~fin.all(1)
         if b.count >= 2:
             guess = b.xc + b.v * (t_now - b.tc).to(b.dtype)
         elif b.count == 1:
@@ -564,7 +583,6 @@ class BurgersTracker:
         b.count += 1
         filled = min(b.count, L)
         f64 = dict(dtype=torch.float64, device=dev)
-        nf_units = self._units_of(b, (~fin).to(b.dtype))
         nonf = nonfinite.double()
         nan_b = torch.full((B,), math.nan, **f64)
 
@@ -661,7 +679,7 @@ class BurgersTracker:
         mapped = b.sub.gather(1, units.clamp_min(0))
         return torch.where(units >= 0, mapped, units)
 
-    def _units_of(self, b: _Bucket, score: Tensor) -> Tensor:
+    def _units_of(self, score: Tensor) -> Tensor:
         """Indices of the particles with positive ``score`` (up to ``units``), ``-1`` padded."""
         B, n = score.shape
         k = min(self.units, n)
@@ -669,7 +687,7 @@ class BurgersTracker:
         u = torch.where(top.values > 0, top.indices, torch.full_like(top.indices, -1))
         if k < self.units:
             u = torch.cat([u, torch.full((B, self.units - k), -1, dtype=u.dtype, device=u.device)], 1)
-        return self._map_units(b, u)
+        return u
 
     def _traj_update(self, q: Tensor, t_now: Tensor) -> tuple[Tensor, Tensor]:
         """Trajectory view: its feature row ``(7,)`` and the Burgers-consistency slope (0-d)."""
