@@ -97,8 +97,63 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- report
+REPORT_FORMATS = ("text", "json", "markdown")  # checked against shockmon.report.FORMATS by the tests
+
+
+def _add_report(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="read a run's TensorBoard event files back: events, Burgers consistency, symmetry, plots",
+        description=(
+            "Reads the event files of a run logged by ShockMonitor with a TensorBoardLogger (or of every run"
+            " under a directory such as lightning_logs/; a run still being written is read as far as it"
+            " goes),"
+            " prints its events (kind, group, step, forecast shock step, lead, strength), the Burgers"
+            " consistency over time and the symmetry summary, and writes PNGs: the characteristic diagram of"
+            " each alerted group, the forecast over time, quotient vs raw norms per layer (needs matplotlib)."
+            " Exit status 2 on bad input."
+        ),
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's log directory, or a directory of runs")
+    p.add_argument(
+        "--out", default="shockmon_report", help="where the PNGs go (default: ./shockmon_report; one"
+        " subdirectory per run when RUN_DIR holds several)"
+    )
+    p.add_argument("--format", choices=REPORT_FORMATS, default="text", help="output format (default: text)")
+    p.add_argument("--prefix", default=None, help="the ShockMonitor tag prefix (default: every one found)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="write no PNGs")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from shockmon.report import ReportError, report, to_json, to_markdown, to_text
+
+    try:
+        results, skipped = report(args.run_dir, out=args.out, prefix=args.prefix, plots=args.plots)
+    except ReportError as err:
+        print(f"shockmon report: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. --out not writable
+        print(f"shockmon report: error: {err.strerror or err}: {err.filename!r}", file=sys.stderr)
+        return 2
+    for warning in [*skipped, *(w for r in results for w in r.warnings)]:
+        print(f"shockmon report: warning: {warning}", file=sys.stderr)
+    root = Path(args.run_dir)
+    if args.format == "json":
+        print(json.dumps(to_json(results, skipped, root), indent=1))
+    elif args.format == "markdown":
+        print(to_markdown(results, root, Path(args.out)))
+    else:
+        print(to_text(results, root))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- parser
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_demo]
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_demo, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ steps) and *where* (loggers, TensorBoard extras, ``trainer.callback_metrics``).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -16,10 +17,11 @@ import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from shockmon.callbacks import snapshots
 from shockmon.callbacks import tensorboard as tb
 from shockmon.callbacks.transfer import to_host
 from shockmon.events import ShockEvent
@@ -121,6 +123,11 @@ class ShockMonitor(Callback):
     ``<prefix>/shock``                            1 while a shock is active [#cm]_
     ``<prefix>/alerts``                           events so far [#cm]_
     ``<prefix>/alerts/<group>``                   events so far in the group
+    ``<prefix>/particles/<group>``                tensor summary (plugin ``shockmon``), TensorBoard only: a
+                                                  ``(k, 2)`` array of unit index and coordinate 0 of at most
+                                                  ``snapshot_units`` units (a fixed evenly spaced subset)
+    ``<prefix>/characteristics/<group>``          image, TensorBoard only, at the end of fit, for each
+                                                  alerted group: its characteristic diagram (matplotlib)
     ============================================  ======================================================
 
     .. [#cm] also in ``trainer.callback_metrics`` (for ``EarlyStopping``, ``ModelCheckpoint``).
@@ -143,6 +150,9 @@ class ShockMonitor(Callback):
         progress_bar: show ``<prefix>/steps_to_shock`` on the progress bar.
         print_summary: print the symmetry summary at fit start (rank zero).
         max_events: how many past events :attr:`events` keeps (and checkpoints).
+        snapshot_units: per group, how many units' coordinate 0 each log step writes to TensorBoard
+            (``<prefix>/particles/<group>``, read by ``shockmon report`` for characteristic diagrams); taken
+            from the log step's one device→host transfer; ``0``: none.
         tracker_kwargs: more keyword arguments for :class:`~shockmon.BurgersTracker`.
         observer_kwargs: keyword arguments for :class:`~shockmon.Observer`.
 
@@ -164,6 +174,7 @@ class ShockMonitor(Callback):
         progress_bar: bool = True,
         print_summary: bool = True,
         max_events: int = 1000,
+        snapshot_units: int = 64,
         tracker_kwargs: dict[str, Any] | None = None,
         observer_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -174,6 +185,7 @@ class ShockMonitor(Callback):
         _check_int("horizon", horizon, 1)
         _check_int("window", window, 3)
         _check_int("max_events", max_events, 0)
+        _check_int("snapshot_units", snapshot_units, 0)
         if not isinstance(prefix, str) or not prefix or prefix != prefix.strip("/ "):
             raise ValueError(
                 "Expected argument `prefix` to be a non-empty string without leading or trailing '/',"
@@ -193,6 +205,7 @@ class ShockMonitor(Callback):
         self.progress_bar = progress_bar
         self.print_summary = print_summary
         self.max_events = max_events
+        self.snapshot_units = snapshot_units
         self.tracker_kwargs = dict(tracker_kwargs or {})
         self.observer_kwargs = dict(observer_kwargs or {})
         self._make_tracker()  # validates the tracker's arguments now, not at fit time
@@ -221,6 +234,8 @@ class ShockMonitor(Callback):
         self._alerts_by_group: Counter[str] = Counter()
         self._latest: dict[str, float] = {}
         self._last_metrics: dict[str, float] = {}
+        self._particles: dict[str, Tensor] = {}  # the latest observation's per-unit coordinates (device)
+        self._selector = snapshots.Selector(self.snapshot_units)
 
     @property
     def state_key(self) -> str:
@@ -423,11 +438,14 @@ class ShockMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._observer is not None and self._values_step > self._last_read_step:
             self._read(trainer, pl_module, self._values_step, in_loop=False)
+        if trainer.is_global_zero:
+            self._log_characteristics(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._values = None
             self._pending_grads = {}
+            self._particles = {}
 
     # -------------------------------------------------------------- the work
     @staticmethod
@@ -447,6 +465,8 @@ class ShockMonitor(Callback):
         values.update(self._pending_grads)
         self._pending_grads = {}
         groups = self._observer.units()
+        if self.snapshot_units:
+            self._particles = groups
         trajectory = trajectory if trajectory.numel() else None  # shapes are host metadata: no sync
         if groups or trajectory is not None:  # a model with no symmetry has nothing to track, only raw values
             self._tracker.update(step, groups, trajectory=trajectory, lr=lr)
@@ -470,6 +490,12 @@ class ShockMonitor(Callback):
         device_values.update({f"summary:{k}": v for k, v in summary.items()})
         if histograms:
             device_values.update({f"hist:{k}": v for k, v in values.items() if v.ndim == 1})
+        particles = (
+            self._selector.select(self._particles)
+            if self._particles and trainer.is_global_zero and tb.tensorboard_writers(trainer.loggers)
+            else {}
+        )
+        device_values.update({f"particles:{g}": v for g, v in particles.items()})
         host = to_host(device_values)  # the one device→host transfer
 
         for e in new_events:
@@ -495,6 +521,8 @@ class ShockMonitor(Callback):
             self._write_tensorboard(trainer, step, metrics, groups, new_events, host if histograms else {})
         if histograms:
             self._last_hist_step = step
+        if particles:
+            self._write_particles(trainer, step, {g: host[f"particles:{g}"] for g in particles})
 
         if in_loop:  # `log` is not allowed in on_train_end
             steps_to_shock = self._latest.get("steps_to_shock", math.inf)
@@ -526,3 +554,40 @@ class ShockMonitor(Callback):
                 if k.startswith("hist:") and isinstance(v, np.ndarray) and v.size and np.isfinite(v).all():
                     writer.add_histogram(f"{p}/{k[len('hist:') :]}", v, step)
         self._layout_written = True
+
+    def _write_particles(self, trainer: pl.Trainer, step: int, host: Mapping[str, Any]) -> None:
+        """Write the log step's particle snapshots (``<prefix>/particles/<group>``) to TensorBoard."""
+        sel = self._selector
+        num_units = {g: sel.num_units(g) for g in host}
+        try:
+            for writer in tb.tensorboard_writers(trainer.loggers):
+                snapshots.write(writer, self.prefix, host, sel.indices, num_units, step)
+        except (ImportError, AttributeError, TypeError) as err:  # e.g. a tensorboardX writer
+            rank_zero_warn(f"ShockMonitor: particle snapshots disabled, the writer cannot take them ({err})")
+            self._particles = {}
+            self.snapshot_units = 0
+
+    def _log_characteristics(self, trainer: pl.Trainer) -> None:
+        """At the end of fit: each alerted group's characteristic diagram as a TensorBoard image.
+
+        The snapshots are read back from the run's own event files (the monitor keeps no history); needs
+        matplotlib, and is skipped without it.
+        """
+        groups = list(dict.fromkeys(e.group for e in self._events))
+        writers = tb.tensorboard_writers(trainer.loggers)
+        if not (groups and writers and self.snapshot_units) or importlib.util.find_spec("matplotlib") is None:
+            return
+        from shockmon import plots
+
+        for writer in writers:
+            try:
+                writer.flush()
+                found = snapshots.read(snapshots.accumulator(writer.get_logdir(), tensors=1000), self.prefix)
+                for g in groups:
+                    if g in found:
+                        fig = plots.characteristic_figure(found[g], [e for e in self._events if e.group == g])
+                        writer.add_figure(
+                            f"{self.prefix}/characteristics/{g}", fig, trainer.global_step, close=False
+                        )
+            except Exception as err:  # a figure must never break the end of training
+                rank_zero_warn(f"ShockMonitor: no characteristic diagram ({type(err).__name__}: {err})")
