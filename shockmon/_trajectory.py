@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -40,38 +41,57 @@ def quadratic_weights(times: Tensor, filled: int) -> tuple[Tensor, Tensor, Tenso
     return W, tbar, Ginv[1, 1]
 
 
-def residual_var(ring: Tensor, coef: Tensor, times: Tensor, tbar: Tensor, filled: int) -> Tensor:
-    """Pooled residual variance per coordinate of the quadratic fit."""
-    L = ring.shape[0]
-    valid = torch.arange(L, device=ring.device) < filled
-    u = torch.where(valid, times - tbar, torch.zeros_like(times)).to(ring.dtype)
-    X = torch.stack([torch.ones_like(u), u, u * u], 1)
-    res = (ring - X @ coef) * valid.to(ring.dtype)[:, None]
-    dof = max(min(filled, L) - 3, 1)
-    return (res * res).sum() / (dof * ring.shape[1])
+def quadratic_design_host(times: list[float], filled: int, device: torch.device) -> tuple[Tensor, Tensor, float, float]:
+    """:func:`quadratic_weights` for host-known times: ``(W, X, tbar, var_b)`` with the design ``X`` ``(L, 3)``."""
+    L = len(times)
+    valid = np.arange(L) < filled
+    t = np.where(valid, np.asarray(times, dtype=np.float64), 0.0)
+    tbar = float(t[valid].mean())
+    u = (t - tbar) * valid
+    X = np.stack([valid.astype(np.float64), u, u * u], 1)
+    G = X.T @ X
+    scale = np.sqrt(np.maximum(np.diag(G), 1e-300))
+    Ginv = np.linalg.inv(G / np.outer(scale, scale) + 1e-12 * np.eye(3)) / np.outer(scale, scale)
+    W = Ginv @ X.T
+    both = torch.from_numpy(np.concatenate([W, X.T], 0)).to(device)
+    return both[:3], both[3:].T, tbar, float(Ginv[1, 1])
 
 
-def path_rate(ring: Tensor, times: Tensor, filled: int, z: float) -> tuple[Tensor, Tensor, Tensor]:
+def path_rate(
+    ring: Tensor, times: Tensor, filled: int, z: float, host_times: list[float] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(s, var_s, tbar)``: compression rate along the path at the window's centre time, its variance, and that time.
 
     ``s = <v, a>/|v|^2`` from the quadratic fit; ``var_s ~ Var(a_parallel)/|v|^2`` (the acceleration's error along
     ``v`` dominates). ``s`` is ``nan`` if ``|v|`` is not ``z`` standard errors (pooled over coordinates) above
-    its noise, or below float resolution.
+    its noise, or below float resolution. ``host_times``: the ring's times when known on the host (faster).
     """
-    W, tbar, var_b = quadratic_weights(times, filled)
-    coef = W.to(ring.dtype) @ ring
+    L, P = ring.shape
+    if host_times is not None:
+        W, X, tbar_h, var_b_h = quadratic_design_host(host_times, filled, ring.device)
+        tbar = torch.tensor(tbar_h, dtype=torch.float64, device=ring.device)
+        var_b: Tensor | float = var_b_h
+        W = W.to(ring.dtype)
+        X = X.to(ring.dtype)
+    else:
+        W, tbar, var_b = quadratic_weights(times, filled)
+        valid = torch.arange(L, device=ring.device) < filled
+        u = torch.where(valid, times - tbar, torch.zeros_like(times))
+        X = torch.stack([valid.to(u.dtype), u, u * u], 1).to(ring.dtype)
+        W = W.to(ring.dtype)
+    coef = W @ ring  # (3, P)
+    res = ring - X @ coef  # unfilled rows of X are zero, and so are the ring's
+    rv = (res * res).sum() / (max(min(filled, L) - 3, 1) * P)
     b, c = coef[1], coef[2]
     vb = (b * b).sum()
     tiny = torch.finfo(ring.dtype).tiny
     s = (b * 2.0 * c).sum() / vb.clamp_min(tiny)
-    rv = residual_var(ring, coef, times, tbar, filled)
-    P = ring.shape[1]
     scale = ring.abs().amax() + tiny
-    floor = (64 * torch.finfo(ring.dtype).eps * scale) ** 2
-    Winv = W.double() @ W.double().T  # coefficient covariance per unit residual variance
-    noise = ((rv + floor) * var_b.to(ring.dtype)) * P
-    ok = vb > (z * z) * noise
-    var_s = (4.0 * (rv + floor).double() * Winv[2, 2]) / vb.double().clamp_min(1e-300)
+    rvf = rv + (64 * torch.finfo(ring.dtype).eps * scale) ** 2
+    Wd = W.double()
+    w22 = (Wd[2] * Wd[2]).sum()  # variance factor of the quadratic coefficient
+    ok = vb > (z * z) * (rvf * var_b) * P
+    var_s = (4.0 * rvf.double() * w22) / vb.double().clamp_min(1e-300)
     nan = torch.full_like(s, math.nan)
     return torch.where(ok, s, nan), torch.where(ok, var_s.to(s.dtype), nan), tbar
 

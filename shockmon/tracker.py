@@ -19,6 +19,7 @@ be missed.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
@@ -73,6 +74,7 @@ class _Bucket:
         self.noise_d = torch.zeros(B, dtype=torch.float64, device=device)
         self.noise_m = torch.zeros(B, dtype=torch.float64, device=device)
         self.noise_dvar = torch.zeros(B, dtype=torch.float64, device=device)
+        self.noise_pos = torch.zeros(B, dtype=torch.float64, device=device)
         self.noise_count = 0
         self.xc = torch.zeros(B, n, D, dtype=dtype, device=device)  # last fit, to carry non-finite particles
         self.v = torch.zeros(B, n, D, dtype=dtype, device=device)
@@ -85,7 +87,7 @@ class _Bucket:
         """A new bucket holding the members ``keep`` (copies)."""
         nb = _Bucket([self.names[j] for j in keep], self.n, self.D, self.dtype, self.device, self.L)
         idx = torch.tensor(keep, device=self.device)
-        for f in ("pos", "noise_d", "noise_m", "noise_dvar", "xc", "v"):
+        for f in ("pos", "noise_d", "noise_m", "noise_dvar", "noise_pos", "xc", "v"):
             setattr(nb, f, getattr(self, f).index_select(0, idx).clone())
         nb.times = self.times.clone()
         nb.times_host = None if self.times_host is None else list(self.times_host)
@@ -99,7 +101,7 @@ class _Bucket:
         d = {k: getattr(self, k) for k in ("names", "n", "D", "L", "count", "noise_count")}
         d["times_host"] = None if self.times_host is None else list(self.times_host)
         d["dtype"] = str(self.dtype).replace("torch.", "")
-        for k in ("pos", "times", "noise_d", "noise_m", "noise_dvar", "xc", "v", "tc", "knn", "sub"):
+        for k in ("pos", "times", "noise_d", "noise_m", "noise_dvar", "noise_pos", "xc", "v", "tc", "knn", "sub"):
             d[k] = getattr(self, k)
         return d
 
@@ -108,7 +110,7 @@ class _Bucket:
         b = cls(d["names"], d["n"], d["D"], getattr(torch, d["dtype"]), device, d["L"])
         b.count, b.noise_count = int(d["count"]), int(d["noise_count"])
         b.times_host = None if d["times_host"] is None else list(d["times_host"])
-        for k in ("pos", "times", "noise_d", "noise_m", "noise_dvar", "xc", "v", "tc", "knn", "sub"):
+        for k in ("pos", "times", "noise_d", "noise_m", "noise_dvar", "noise_pos", "xc", "v", "tc", "knn", "sub"):
             val = d[k]
             setattr(b, k, None if val is None else val.to(device).clone())
         return b
@@ -183,6 +185,7 @@ class BurgersTracker:
     VERSION = 1
     _Z_GATE = 2.5  # a forecast must recede significantly slower than time itself (slope + z SE < 1)
     _Z_PLATEAU = 3.0  # an imminent compression has stopped steepening (slope - z SE > 1/2)
+    _NOISE_EVERY = 4  # noise statistics are refreshed every this many updates
 
     def __init__(
         self,
@@ -301,7 +304,7 @@ class BurgersTracker:
         self._g = {k: v.to(device) for k, v in self._g.items()}
         for b in self._buckets:
             b.device = device
-            for f in ("pos", "times", "noise_d", "noise_m", "noise_dvar", "xc", "v", "tc", "knn", "sub", "gidx"):
+            for f in ("pos", "times", "noise_d", "noise_m", "noise_dvar", "noise_pos", "xc", "v", "tc", "knn", "sub", "gidx"):
                 val = getattr(b, f)
                 setattr(b, f, None if val is None else val.to(device))
         if self._traj is not None:
@@ -608,34 +611,37 @@ class BurgersTracker:
         xc, v = pt.fit_window(b.pos if filled == L else b.pos[:, :filled], w)
         b.xc, b.v, b.tc = xc, v, tc
         # ---- noise: third differences of the newest snapshots (seven when the window allows), on a bounded subset
-        stride = max(1, -(-n * D // 256))  # <= 256 values per group: the estimates are averaged over 2L updates
+        # (<= 256 values per group), every NOISE_EVERY updates: the estimates are averaged over 2L updates anyway
+        stride = max(1, -(-n * D // 256))
         k_noise = min(7, L, b.count)
-        slots = [(b.count - 1 - i) % L for i in range(k_noise)]
-        snaps = [b.pos[:, s_, ::stride].reshape(B, -1) for s_ in slots]
-        d_inst, m_inst = pt.noise_update(snaps, [tn[s_] for s_ in slots])
-        if k_noise == min(7, L) or b.noise_count == 0:
+        eps = torch.finfo(b.dtype).eps
+        floor_m = (16 * eps * xc.abs().amax((1, 2)).double()) ** 2
+        dt_now = t_now - tc
+        full = k_noise == min(7, L)
+        if b.noise_count == 0 or not full or b.count % self._NOISE_EVERY == 0:
+            slots = [(b.count - 1 - i) % L for i in range(k_noise)]
+            snaps = [b.pos[:, s_, ::stride].reshape(B, -1) for s_ in slots]
+            d_inst, m_inst = pt.noise_update(snaps, [tn[s_] for s_ in slots])
             # a running mean, then an exponential one over 2 windows; estimates from fewer snapshots than the full
             # stencil only seed it (they attribute all noise to diffusion)
-            b.noise_count = 1 if k_noise < min(7, L) else b.noise_count + 1
-            beta = 1.0 / min(b.noise_count, 2 * L)
+            b.noise_count = 1 if not full else b.noise_count + 1
+            beta = 1.0 / min(b.noise_count, max(2 * L // self._NOISE_EVERY, 1))
             dev_d = d_inst - b.noise_d
             b.noise_d = b.noise_d + beta * dev_d
             b.noise_m = b.noise_m + beta * (m_inst - b.noise_m)
             b.noise_dvar = b.noise_dvar + beta * (dev_d * dev_d * (1.0 - beta) - b.noise_dvar)
+            # the pooled scatter of the newest snapshot about the fitted lines now: a conservative position noise
+            resid_now = snaps[0] - (xc[:, ::stride] + v[:, ::stride] * dt_now.to(b.dtype)).reshape(B, -1)
+            b.noise_pos = pt.mad_var(resid_now)
         d_rate = b.noise_d.clamp_min(0)
-        eps = torch.finfo(b.dtype).eps
-        floor_m = (16 * eps * xc.abs().amax((1, 2)).double()) ** 2
         sd_v = torch.sqrt((b.noise_m.clamp_min(0) + floor_m) * var_iid + d_rate * var_walk)  # (B,) float64
         nu = 0.5 * d_rate
         # viscosity for the viscous-width test: only where the diffusion rate stands out of its estimation scatter
-        # (successive estimates share a seven-snapshot stencil, so about min(count, 2L)/7 of them are independent)
-        n_eff = max(1.0, min(b.noise_count, 2 * L) / 7.0)
+        # (successive estimates share a seven-snapshot stencil: about min(count, 2L/NOISE_EVERY)/(7/NOISE_EVERY)
+        # of them are independent)
+        n_eff = max(1.0, min(b.noise_count, 2 * L / self._NOISE_EVERY) * self._NOISE_EVERY / 7.0)
         nu_sig = 0.5 * (b.noise_d - 3.0 * torch.sqrt(b.noise_dvar.clamp_min(0) / n_eff)).clamp_min(0)
-        # positions now, from the fitted lines (unbiased for smooth motion and less noisy than the newest snapshot);
-        # the pooled scatter of the newest snapshot about them is a conservative position noise
-        dt_now = t_now - tc
-        resid_now = snaps[0] - (xc[:, ::stride] + v[:, ::stride] * dt_now.to(b.dtype)).reshape(B, -1)
-        sd_m = torch.sqrt(pt.mad_var(resid_now) + floor_m)
+        sd_m = torch.sqrt(b.noise_pos + floor_m)
         k_eff = min(K, n - 1)
         if k_eff < 1 or b.count < L:  # forecasts only from full windows
             return pack(inf_b, inf_b, inf_b, zero_b, zero_b, nu, none_units)
@@ -654,11 +660,13 @@ class BurgersTracker:
         else:
             if b.knn is None or b.knn.shape[-1] != k_eff:
                 b.knn = pt.knn(xc, k_eff)
-            else:  # refresh a round-robin slice of the lists: each is at most `knn_every` updates old
-                per = -(-n // self.knn_every)
-                start = ((b.count - L) * per) % n
-                rows = torch.arange(start, min(start + per, n), device=dev)
-                b.knn[:, rows] = pt.knn(xc, k_eff, rows)
+            else:  # refresh a round-robin slice (>= 64 rows) of the lists: each is at most `knn_every` updates old
+                per = min(n, max(64, -(-n // self.knn_every)))
+                period = max(1, (per * self.knn_every) // n)
+                if (b.count - L) % period == 0:
+                    start = (((b.count - L) // period) * per) % n
+                    rows = torch.arange(start, min(start + per, n), device=dev)
+                    b.knn[:, rows] = pt.knn(xc, k_eff, rows)
             if method == "jacobian":
                 lam, se, sdv, r2, dot = pt.local_rates_jacobian(xc, v, b.knn, sdv)
                 ztests = n
@@ -704,6 +712,7 @@ class BurgersTracker:
             tr = self._traj = {
                 "ring": torch.zeros(L, P, dtype=dtype, device=dev),
                 "times": torch.zeros(L, dtype=torch.float64, device=dev),
+                "times_host": [0.0] * L,
                 "count": 0,
                 "hist_t": torch.full((M,), math.nan, dtype=torch.float64, device=dev),
                 "hist_s": torch.full((M,), math.nan, dtype=torch.float64, device=dev),
@@ -717,10 +726,12 @@ class BurgersTracker:
         prev = tr["ring"][(tr["count"] - 1) % L] if tr["count"] > 0 else torch.zeros_like(q)
         tr["ring"][slot] = torch.where(fin, q, prev)
         tr["times"][slot] = t_now
+        if tr["times_host"] is not None and self._t_host is not None:
+            tr["times_host"][slot] = self._t_host
+        else:
+            tr["times_host"] = None
         tr["count"] += 1
         filled = min(tr["count"], L)
-        inf = torch.full((), math.inf, dtype=torch.float64, device=dev)
-        nan = torch.full((), math.nan, dtype=torch.float64, device=dev)
         f64 = dict(dtype=torch.float64, device=dev)
         nonf = nonfinite.double().reshape(())
         nan = torch.full((), math.nan, **f64)
@@ -728,7 +739,7 @@ class BurgersTracker:
         zero = torch.zeros((), **f64)
         if filled < 5:
             return torch.stack([inf, inf, inf, zero, zero, nonf, nan]), nan
-        s, var_s, tbar = tj.path_rate(tr["ring"], tr["times"], filled, 4.0)
+        s, var_s, tbar = tj.path_rate(tr["ring"], tr["times"], filled, 4.0, tr["times_host"])
         hs = tr["hcount"] % M
         tr["hist_t"][hs] = tbar
         tr["hist_s"][hs] = s.double()
@@ -837,7 +848,7 @@ class BurgersTracker:
             "buckets": [b.to_dict() for b in self._buckets],
             "hist_count": list(self._hist_count),
             "last_step": self._last_step,
-            "traj": None if self._traj is None else dict(self._traj),
+            "traj": None if self._traj is None else {k: copy.copy(v) for k, v in self._traj.items()},
             "g": dict(self._g),
             "read": self._read,
             "t_host": self._t_host,
@@ -864,7 +875,8 @@ class BurgersTracker:
         self._reindex()
         self._hist_count = list(d["hist_count"])
         self._last_step = d["last_step"]
-        self._traj = None if d["traj"] is None else {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in d["traj"].items()}
+        traj = d["traj"]
+        self._traj = None if traj is None else {k: (v.clone() if isinstance(v, Tensor) else copy.copy(v)) for k, v in traj.items()}
         self._g = {k: v.clone() for k, v in d["g"].items()}
         self._read = int(d["read"])
         self._t_host = d["t_host"]
