@@ -1,0 +1,178 @@
+"""Bad input gets a clear error or warning; non-finite input is an event, never an exception, never poison."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shockmon.events import EventKind
+from shockmon.tracker import BurgersTracker
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"window": 0}, r"Expected argument `window` to be an integer >= 3, but got 0"),
+        ({"window": 3.5}, r"`window` to be an integer >= 3, but got 3.5"),
+        ({"window": True}, r"`window` to be an integer >= 3, but got True"),
+        ({"horizon": -1}, r"`horizon` to be a finite number > 0.0, but got -1"),
+        ({"horizon": math.inf}, r"`horizon` to be a finite number"),
+        ({"neighbors": 1}, r"`neighbors` to be an integer >= 2, but got 1"),
+        ({"alpha": 0.0}, r"`alpha` to be a finite number > 0.0 and <= 0.5, but got 0.0"),
+        ({"alpha": 0.7}, r"`alpha` to be a finite number > 0.0 and <= 0.5, but got 0.7"),
+        ({"rank": 0}, r"`rank` to be an integer >= 1, but got 0"),
+        ({"quantile": 1.5}, r"`quantile` to be a finite number >= 0.0 and <= 1.0, but got 1.5"),
+        ({"method": "svd"}, r"`method` to be one of \('auto', 'jacobian', 'pairs'\), but got 'svd'"),
+        ({"time": "epoch"}, r"`time` to be one of \('step', 'lr'\), but got 'epoch'"),
+        ({"n_on": 0}, r"`n_on` to be an integer >= 1, but got 0"),
+        ({"n_off": 0}, r"`n_off` to be an integer >= 1, but got 0"),
+        ({"horizon": 100, "disarm_horizon": 50}, r"`disarm_horizon` to be >= `horizon` \(100.0\), but got 50"),
+        ({"cooldown": -1}, r"`cooldown` to be an integer >= 0, but got -1"),
+        ({"warmup": -5}, r"`warmup` to be an integer >= 0, but got -5"),
+        ({"shock_updates": 0}, r"`shock_updates` to be an integer >= 1, but got 0"),
+        ({"riccati_window": 2}, r"`riccati_window` to be an integer >= 4, but got 2"),
+        ({"trajectory_window": 3}, r"`trajectory_window` to be an integer >= 4, but got 3"),
+        ({"max_particles": 4}, r"`max_particles` to be an integer >= 9, but got 4"),
+        ({"knn_every": 0}, r"`knn_every` to be an integer >= 1, but got 0"),
+        ({"units": -1}, r"`units` to be an integer >= 0, but got -1"),
+        ({"capacity": 0}, r"`capacity` to be an integer >= 1, but got 0"),
+        ({"seed": -1}, r"`seed` to be an integer >= 0, but got -1"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, dict) else "",
+)
+def test_tracker_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BurgersTracker(**kwargs)
+
+
+def test_tracker_defaults_are_valid():
+    t = BurgersTracker()
+    assert t.horizon == 200 and t.window == 16 and t.disarm_horizon == 400 and "groups=[]" in repr(t)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda t: t.update(1.0, {"a": torch.zeros(4)}), TypeError, r"`step` to be an int, but got float"),
+        (lambda t: t.update(True, {"a": torch.zeros(4)}), TypeError, r"`step` to be an int, but got bool"),
+        (lambda t: t.update(0, [torch.zeros(4)]), TypeError, r"`groups` to be a mapping name -> Tensor, but got list"),
+        (lambda t: t.update(0, {"a": [1.0, 2.0]}), TypeError, r"group 'a' to be a Tensor, but got list"),
+        (lambda t: t.update(0, {"a": torch.zeros(4, 2, 2)}), ValueError, r"group 'a' to have shape \(n,\) or \(n, D\), but got \(4, 2, 2\)"),
+        (lambda t: t.update(0, {"a": torch.zeros(0)}), ValueError, r"group 'a' to have shape .* but got \(0,\)"),
+        (lambda t: t.update(0, {"a": torch.zeros(4, 0)}), ValueError, r"but got \(4, 0\)"),
+        (lambda t: t.update(0, {"a": torch.zeros(4, dtype=torch.complex64)}), TypeError, r"real tensor, but got dtype torch.complex64"),
+        (lambda t: t.update(0, {"a": torch.zeros(4, dtype=torch.bool)}), TypeError, r"real tensor, but got dtype torch.bool"),
+        (lambda t: t.update(0, {"trajectory": torch.zeros(4)}), ValueError, r"other than 'trajectory', got 'trajectory'"),
+        (lambda t: t.update(0, {"": torch.zeros(4)}), ValueError, r"non-empty strings"),
+        (lambda t: t.update(0, {}, trajectory=torch.zeros(2, 2)), ValueError, r"`trajectory` to be a non-empty 1-D tensor, but got \(2, 2\)"),
+        (lambda t: t.update(0, {}, trajectory=[1.0]), TypeError, r"`trajectory` to be a Tensor or None, but got list"),
+        (lambda t: t.update(0, {"a": torch.zeros(4)}, lr="0.1"), TypeError, r"`lr` to be a float, a 0-d Tensor or None, but got str"),
+        (lambda t: t.update(0, {"a": torch.zeros(4)}, lr=torch.ones(2)), ValueError, r"`lr` to be a scalar, but got shape \(2,\)"),
+        (lambda t: t.update(0, {}), ValueError, r"at least one group or a trajectory on the first update"),
+    ],
+    ids=lambda v: "",
+)
+def test_tracker_invalid_updates(call, error, match):
+    with pytest.raises(error, match=match):
+        call(BurgersTracker())
+
+
+def test_tracker_steps_must_increase():
+    t = BurgersTracker()
+    t.update(5, {"a": torch.zeros(4)})
+    with pytest.raises(ValueError, match="`step` to increase, but got 5 after 5"):
+        t.update(5, {"a": torch.zeros(4)})
+    with pytest.raises(ValueError, match="but got 3 after 5"):
+        t.update(3, {"a": torch.zeros(4)})
+
+
+def test_tracker_lr_time_needs_a_first_learning_rate():
+    t = BurgersTracker(time="lr")
+    with pytest.raises(ValueError, match="Expected `lr` on the first update of a tracker with time='lr'"):
+        t.update(0, {"a": torch.zeros(4)})
+    t.update(0, {"a": torch.zeros(4)}, lr=0.1)
+    t.update(1, {"a": torch.zeros(4)})  # later updates reuse the last learning rate
+
+
+def test_tracker_integer_inputs_are_accepted():
+    t = BurgersTracker()
+    for k in range(20):
+        t.update(k, {"a": torch.arange(10) * (k + 1)})
+    assert t.poll() == []
+
+
+def _sine_stream(n: int, steps: int) -> list[torch.Tensor]:
+    x0 = torch.linspace(-math.pi, math.pi, n)
+    g = torch.Generator().manual_seed(5)
+    return [x0 - 0.01 * k * torch.sin(x0) + 1e-4 * torch.randn(n, generator=g) for k in range(steps)]
+
+
+def test_tracker_group_changing_size_warns_once_and_restarts():
+    xs = _sine_stream(128, 120)
+    t = BurgersTracker()
+    for k in range(60):
+        t.update(k, {"a": xs[k], "b": xs[k]})
+    assert math.isfinite(float(t.forecast()["a"]))
+    with pytest.warns(UserWarning, match=r"Group 'a' changed size from 128x1 to 96x1 particles; its history restarts"):
+        t.update(60, {"a": xs[60][:96], "b": xs[60]})
+    assert math.isinf(float(t.forecast()["a"]))  # history restarted...
+    assert math.isfinite(float(t.forecast()["b"]))  # ...for that group only
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the same new size does not warn again
+        for k in range(61, 120):
+            t.update(k, {"a": xs[k][:96], "b": xs[k]})
+    # the restarted group tracks again (its half-domain of particles crosses at step 100 too)
+    assert any(e.group == "a" and e.kind is EventKind.FORECAST and e.step > 60 for e in t.poll())
+
+
+def test_tracker_group_missing_from_an_update_keeps_its_state():
+    xs = _sine_stream(64, 60)
+    t = BurgersTracker()
+    for k in range(40):
+        t.update(k, {"a": xs[k], "b": xs[k]})
+    before = float(t.summary()["forecast/b"])
+    t.update(40, {"a": xs[40]})  # b absent: split from a's bucket, not updated
+    assert float(t.summary()["forecast/b"]) == before
+    for k in range(41, 60):
+        t.update(k, {"a": xs[k], "b": xs[k]})
+    assert float(t.forecast()["a"]) == pytest.approx(float(t.forecast()["b"]), rel=0.05)
+
+
+def test_tracker_non_finite_input_is_a_divergence_event_and_does_not_poison():
+    xs = _sine_stream(256, 120)
+    clean, dirty = BurgersTracker(), BurgersTracker()
+    for k, x in enumerate(xs):
+        clean.update(k, {"a": x})
+        y = x.clone()
+        if 30 <= k < 33:  # three steps of NaN/Inf in a few particles
+            y[[5, 200]] = math.nan
+            y[100] = math.inf
+        if k == 70:  # the whole group, once
+            y[:] = -math.inf
+        dirty.update(k, {"a": y}, trajectory=torch.tensor([math.nan, 1.0]) if k == 50 else torch.tensor([0.0, 1.0]))
+    events = dirty.poll()
+    div = [e for e in events if e.kind is EventKind.DIVERGENCE]
+    assert [(e.group, e.step) for e in div] == [("a", 30), ("trajectory", 50), ("a", 70)]  # rising edges only
+    assert div[0].channel == "input" and set(div[0].units) == {5, 100, 200}
+    assert len(div[2].units) == dirty.units
+    # the flow is still tracked: the same forecast and shock as without the bad values
+    assert float(dirty.summary()["state/a"]) == float(clean.summary()["state/a"])
+    shocks = [e.step for e in events if e.kind is EventKind.SHOCK and e.group == "a"]
+    ref = [e.step for e in clean.poll() if e.kind is EventKind.SHOCK]
+    assert shocks and abs(shocks[0] - ref[0]) <= 2
+    assert all(math.isfinite(float(v)) or math.isinf(float(v)) for v in dirty.summary().values() if not v.isnan())
+
+
+def test_tracker_all_non_finite_from_the_start_does_not_crash():
+    t = BurgersTracker()
+    for k in range(30):
+        t.update(k, {"a": torch.full((32, 2), math.nan)}, trajectory=torch.full((3,), math.inf))
+    events = t.poll()
+    assert {(e.group, e.kind) for e in events} == {("a", EventKind.DIVERGENCE), ("trajectory", EventKind.DIVERGENCE)}
+    assert len(events) == 2
