@@ -1,12 +1,15 @@
-"""Cost of ``BurgersTracker.update`` on one CPU thread: time per update against particles ``n`` and dimension ``D``.
+"""Cost of ``BurgersTracker.update`` on one CPU thread: time per update against particles ``n`` and dimension.
 
 Run ``python -m benchmarks.tracker_cost`` (``--quick`` for a short run). Prints a table and writes
 ``benchmarks/results/tracker_cost.json``.
 
-Each case feeds a tracker a pre-generated stream (particles drifting with noise, so every code path runs: fits,
-noise estimates, neighbours, significance, alerts) and times blocks of updates after a warm-up of two windows; the
+Each case feeds a tracker a pre-generated stream (particles drifting with noise, so every code path runs:
+fits,
+noise estimates, neighbours, significance, alerts) and times blocks of updates after a warm-up of two windows;
+the
 figure is the median over blocks (this machine is shared, the median resists the others' load), the spread the
-blocks' min and max. The state size is the bytes of every tensor in ``state_dict()``: it is fixed by particles x
+blocks' min and max. The state size is the bytes of every tensor in ``state_dict()``: it is fixed by particles
+x
 window, whatever the number of steps.
 
 The target from the issue: <= 2 ms per update for 16 groups x 512 particles x D = 8.
@@ -37,7 +40,7 @@ def _state_bytes(tracker: BurgersTracker) -> int:
 
 
 def measure(groups: int, n: int, D: int, blocks: int, per_block: int, seed: int = 0) -> dict[str, Any]:
-    """Median time per update (ms) of a tracker fed ``groups`` groups of ``n`` particles in ``D`` dimensions."""
+    """Median time per update (ms) of a tracker fed ``groups`` groups of ``n`` particles in ``D`` dims."""
     g = torch.Generator().manual_seed(seed)
     tracker = BurgersTracker()
     warm = 2 * tracker.window
@@ -88,7 +91,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dims = [1, 8] if args.quick else [1, 2, 8, 32]
     cases = [(16, 512, 8), (16, 512, 1)] + [(1, n, D) for D in dims for n in ns]
     rows = []
-    print(f"{'groups':>6} {'n':>7} {'D':>3} {'tracked':>7} {'ms/update':>10} {'[min, max]':>16} {'state KiB':>10}")
+    print(
+        f"{'groups':>6} {'n':>7} {'D':>3} {'tracked':>7} {'ms/update':>10} {'[min, max]':>16}"
+        f" {'state KiB':>10}"
+    )
     for G, n, D in cases:
         r = measure(G, n, D, blocks, per_block)
         rows.append(r)

@@ -1,6 +1,7 @@
 """Alert logic of the tracker: the Riccati gate, the hysteresis state machine and the on-device event ring.
 
-All functions are vectorised over the tracker's groups (index 0 is the trajectory view) and never synchronise with
+All functions are vectorised over the tracker's groups (index 0 is the trajectory view) and never synchronise
+with
 the host. States: ``0`` pre, ``1`` imminent (a forecast within the horizon), ``2`` in-shock.
 """
 
@@ -26,15 +27,19 @@ def forecast_trend(ts: Tensor, Ts: Tensor, sds: Tensor, min_points: int) -> tupl
         sds: ``(G, M)`` standard errors of the forecasts (from the significance test's standard errors).
         min_points: fewer finite entries give ``nan``.
 
-    Successive forecasts come from overlapping windows, so their errors are correlated over about one window and the
-    scatter about the line understates the slope's uncertainty. The returned standard error is the larger of the
-    residual one (which catches misfit: a forecast hopping between particles) and a model-based one: forecasts with
+    Successive forecasts come from overlapping windows, so their errors are correlated over about one window
+    and the
+    scatter about the line understates the slope's uncertainty. The returned standard error is the larger of
+    the
+    residual one (which catches misfit: a forecast hopping between particles) and a model-based one: forecasts
+    with
     errors ``sd`` correlated over the history behave like two independent values at its ends, so
     ``SE ~ 1.5 rms(sd) / span``.
 
     Along Burgers characteristics ``tau = -1/lambda`` shrinks at rate one (``ds/dt = -s^2``), so the forecast
     ``T = t + tau`` stays put: slope 0. A stationary contraction (gradient flow into a minimum, an
-    Ornstein--Uhlenbeck pull) has constant ``tau``: the forecast recedes, slope 1. So does a viscous shock once
+    Ornstein--Uhlenbeck pull) has constant ``tau``: the forecast recedes, slope 1. So does a viscous shock
+    once
     formed (the gradient saturates at ``-U^2/(2 nu)``).
     """
     ok = torch.isfinite(Ts) & torch.isfinite(ts)
@@ -70,7 +75,7 @@ def step_machine(
     nonfinite: Tensor,
     cfg: dict[str, float],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Advance the hysteresis state machine in place; returns ``(to_forecast, to_shock, to_divergence)`` flags.
+    """Advance the hysteresis state machine in place; return ``(to_forecast, to_shock, to_divergence)``.
 
     Args:
         st: state tensors ``state, on, off, shk, cool, div`` of shape ``(G,)`` (updated in place).
@@ -80,8 +85,10 @@ def step_machine(
         shock_cond: the shock criterion holds; nonfinite: the input was non-finite.
         cfg: ``h_on, h_off, n_on, n_off, n_shock, cooldown``.
 
-    Arm when ``steps_to < h_on`` for ``n_on`` updates (outside cooldown); fire ``shock`` when the criterion holds
-    ``n_shock`` updates; disarm when the time to shock exceeds ``h_off`` for ``n_off`` updates, then cool down for
+    Arm when ``steps_to < h_on`` for ``n_on`` updates (outside cooldown); fire ``shock`` when the criterion
+    holds
+    ``n_shock`` updates; disarm when the time to shock exceeds ``h_off`` for ``n_off`` updates, then cool down
+    for
     ``cooldown`` updates. At most one transition per group per update.
     """
     state, on, off, shk, cool = st["state"], st["on"], st["off"], st["shk"], st["cool"]
@@ -94,7 +101,9 @@ def step_machine(
     to_shock = upd & (state != IN_SHOCK) & (shk_new >= cfg["n_shock"]) & ((state == IMMINENT) | (cool == 0))
     to_arm = upd & (state == PRE) & ~to_shock & (on_new >= cfg["n_on"])
     to_pre = upd & (state != PRE) & ~to_shock & (off_new >= cfg["n_off"])
-    new_state = torch.where(to_shock, IN_SHOCK, torch.where(to_arm, IMMINENT, torch.where(to_pre, PRE, state)))
+    new_state = torch.where(
+        to_shock, IN_SHOCK, torch.where(to_arm, IMMINENT, torch.where(to_pre, PRE, state))
+    )
     cool_new = torch.where(to_pre, torch.full_like(cool, int(cfg["cooldown"])), (cool - 1).clamp_min(0))
     moved = to_shock | to_arm | to_pre
     st["state"].copy_(torch.where(upd, new_state, state))
@@ -108,9 +117,10 @@ def step_machine(
 
 
 def write_events(buf: Tensor, counter: Tensor, rows: Tensor, flags: Tensor) -> None:
-    """Append the flagged ``rows`` to the ring ``buf`` (capacity ``buf.shape[0] - 1``; the last row is scratch).
+    """Append the flagged ``rows`` to the ring ``buf`` (capacity ``buf.shape[0] - 1``; last row: scratch).
 
-    ``counter`` (0-d int64) counts every event ever written; the slot of the next one is ``counter % capacity``.
+    ``counter`` (0-d int64) counts every event ever written; the slot of the next one is ``counter %
+    capacity``.
     Rows not flagged go to the scratch row, so the write is a fixed-shape ``index_copy_`` with no host sync.
     """
     cap = buf.shape[0] - 1

@@ -1,21 +1,28 @@
 """Particle view of the tracker: pure tensor functions, batched over the ``B`` groups of a bucket.
 
 A bucket holds groups of identical shape ``(n, D)``; its history is a ring of the last ``L`` snapshots,
-``pos: (B, L, n, D)``, with times ``(L,)``. Every function here is vectorised over groups and particles, performs no
+``pos: (B, L, n, D)``, with times ``(L,)``. Every function here is vectorised over groups and particles,
+performs no
 host synchronisation and allocates O(B * n * (L + K) * D) at most.
 
 The steps, in order:
 
-1. :func:`window_weights` -- least-squares weights over the ring (slope and mean), the window's centre time, and the
+1. :func:`window_weights` -- least-squares weights over the ring (slope and mean), the window's centre time,
+and the
    two variance factors of a least-squares slope: ``sum w^2`` (independent position noise) and
    ``sum_j dt_j c_j^2`` with ``c_j = sum_{k >= j} w_k`` (diffusion, i.e. a random walk on top of the motion).
-2. :func:`noise_update` -- the robust (MAD) variances of the newest velocity residuals, as third differences at
-   two lags (third differences), separate diffusion (growing with the lag) from position noise: the diffusion rate
+2. :func:`noise_update` -- the robust (MAD) variances of the newest velocity residuals, as third differences
+at
+   two lags (third differences), separate diffusion (growing with the lag) from position noise: the diffusion
+   rate
    ``D_hat = Var(dx)/dt`` and the position-noise variance; ``nu = D_hat / 2``.
-3. :func:`local_rates_1d` / :func:`local_rates_jacobian` / :func:`local_rates_pairs` -- the local compression rate
-   ``lambda_i`` of each particle with its standard error, from its neighbours (sorted neighbours in 1-D, k-nearest
+3. :func:`local_rates_1d` / :func:`local_rates_jacobian` / :func:`local_rates_pairs` -- the local compression
+rate
+   ``lambda_i`` of each particle with its standard error, from its neighbours (sorted neighbours in 1-D,
+   k-nearest
    neighbours otherwise).
-4. :func:`reduce_group` -- significance with a Bonferroni correction, the time to shock ``tau = -1/lambda`` and a
+4. :func:`reduce_group` -- significance with a Bonferroni correction, the time to shock ``tau = -1/lambda``
+and a
    robust minimum over the group, the strength and the units most involved.
 """
 
@@ -33,7 +40,7 @@ MAD_TO_SD = 1.482602218505602
 
 
 def bonferroni_z(alpha: float, tests: int) -> float:
-    """One-sided critical ``z`` for a family-wise error ``alpha`` over ``tests`` comparisons (host arithmetic)."""
+    """One-sided critical ``z``: family-wise error ``alpha`` over ``tests`` comparisons (host arithmetic)."""
     return NormalDist().inv_cdf(1.0 - alpha / max(int(tests), 1))
 
 
@@ -41,13 +48,16 @@ def window_weights(times: Tensor, filled: int) -> tuple[Tensor, Tensor, Tensor, 
     """Least-squares weights over a ring of snapshot times.
 
     Args:
-        times: ``(L,)`` float64 ring of times; only the first ``filled`` slots (in ring order) are valid when the ring
+        times: ``(L,)`` float64 ring of times; only the first ``filled`` slots (in ring order) are valid when
+        the ring
             is not yet full.
         filled: number of valid slots (host int, ``>= 2``).
 
     Returns:
-        ``(w_slope, w_mean, t_center, var_iid, var_walk)``: ``w_slope @ x`` is the least-squares slope, ``w_mean @ x``
-        the mean (the fitted value at ``t_center``), and a slope's variance is ``var_iid * s_m^2 + var_walk * D``
+        ``(w_slope, w_mean, t_center, var_iid, var_walk)``: ``w_slope @ x`` is the least-squares slope,
+        ``w_mean @ x``
+        the mean (the fitted value at ``t_center``), and a slope's variance is ``var_iid * s_m^2 + var_walk *
+        D``
         for position noise of variance ``s_m^2`` and diffusion of rate ``D`` (variance per unit time).
     """
     L = times.shape[0]
@@ -72,8 +82,10 @@ def window_weights(times: Tensor, filled: int) -> tuple[Tensor, Tensor, Tensor, 
     return w_slope, w_mean, tbar, var_iid, var_walk
 
 
-def window_weights_host(times: list[float], filled: int) -> tuple[list[float], list[float], float, float, float]:
-    """:func:`window_weights` in host arithmetic, for times known on the host (steps, or a float learning rate)."""
+def window_weights_host(
+    times: list[float], filled: int
+) -> tuple[list[float], list[float], float, float, float]:
+    """:func:`window_weights` in host arithmetic, for host-known times (steps, or a float learning rate)."""
     L = len(times)
     valid = [i < filled for i in range(L)]
     cnt = float(min(filled, L))
@@ -105,7 +117,7 @@ def fit_window(pos: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def mad_var(r: Tensor) -> Tensor:
-    """Robust variance per row: ``(1.4826 * median |r|)^2`` over all but the first dimension (zero-centred)."""
+    """Robust variance per row: ``(1.4826 median |r|)^2`` over all but the first dimension (zero-centred)."""
     flat = r.reshape(r.shape[0], -1).abs()
     med = torch.median(flat, dim=1).values
     return (MAD_TO_SD * med) ** 2
@@ -114,7 +126,8 @@ def mad_var(r: Tensor) -> Tensor:
 def _third_difference(x: list[Tensor], t: list[Any]) -> tuple[Tensor, Any, float]:
     """``d1 - 2 d2 + d3`` of the increments ``d_k = x_{k-1} - x_k`` of four snapshots (newest first).
 
-    It annihilates constant, linear and quadratic motion (exactly for evenly spaced times; for a smoothly varying
+    It annihilates constant, linear and quadratic motion (exactly for evenly spaced times; for a smoothly
+    varying
     spacing up to its second difference). Under diffusion of rate ``D`` its variance is ``D (h1 + 4 h2 + h3)``
     (``h_k`` the gaps), under independent position noise of variance ``s^2`` it is ``20 s^2``.
     """
@@ -131,18 +144,23 @@ def noise_update(snaps: list[Tensor], times: list[Any]) -> tuple[Tensor, Tensor]
     """Instantaneous diffusion rate and position-noise variance per group from the newest snapshots.
 
     Args:
-        snaps: the newest snapshots, newest first, ``(B, m)`` each (any particles-by-coordinates subset): seven of
+        snaps: the newest snapshots, newest first, ``(B, m)`` each (any particles-by-coordinates subset):
+        seven of
             them, or three to six with less information (see below).
         times: their times (floats or 0-d float64 tensors), newest first.
 
     Returns:
         ``(D_rate, s_m2)``, float64 ``(B,)``, unclamped (average them over updates, then clamp at zero).
 
-    The robust (MAD) variances ``V1``, ``V2`` of third differences at lag one (snapshots 0-3) and lag two (0, 2, 4, 6)
-    are linear in ``D`` and ``s^2`` with different coefficients (diffusion grows with the lag, position noise does
+    The robust (MAD) variances ``V1``, ``V2`` of third differences at lag one (snapshots 0-3) and lag two (0,
+    2, 4, 6)
+    are linear in ``D`` and ``s^2`` with different coefficients (diffusion grows with the lag, position noise
+    does
     not), so the 2x2 system separates them. Smooth motion barely enters: a third difference of a trajectory is
-    ``O(jerk h^3)``, against ``O(v h)`` for a plain velocity residual, so accelerating particles (say, entering a
-    viscous shock) are not mistaken for noise. With fewer than seven snapshots, the newest increments' residuals are
+    ``O(jerk h^3)``, against ``O(v h)`` for a plain velocity residual, so accelerating particles (say,
+    entering a
+    viscous shock) are not mistaken for noise. With fewer than seven snapshots, the newest increments'
+    residuals are
     attributed to diffusion alone, the conservative choice for the velocities' standard errors.
     """
     if len(snaps) < 7:
@@ -175,11 +193,15 @@ def local_rates_1d(xc: Tensor, v: Tensor, k: int) -> tuple[Tensor, Tensor, Tenso
         xc: centre positions ``(B, n)``; v: velocities ``(B, n)``; k: neighbourhood size (``<= n``).
 
     Returns:
-        ``(lam, sxx, var_v, dxs, dvs)``: slopes and the position spread ``sum (x - mean)^2`` of each particle's window
-        (SE of the slope is ``sd_v / sqrt(sxx)``), ``(B, n)`` in particle order; the velocity noise variance per
-        group ``(B,)``: the robust (MAD) variance of the fits' residuals (on windows half a window apart), pooled over
+        ``(lam, sxx, var_v, dxs, dvs)``: slopes and the position spread ``sum (x - mean)^2`` of each
+        particle's window
+        (SE of the slope is ``sd_v / sqrt(sxx)``), ``(B, n)`` in particle order; the velocity noise variance
+        per
+        group ``(B,)``: the robust (MAD) variance of the fits' residuals (on windows half a window apart),
+        pooled over
         the group and corrected for the two fitted parameters, which measures every source of velocity error
-        (position noise, diffusion, misfit) without a noise model; and the position and velocity differences of
+        (position noise, diffusion, misfit) without a noise model; and the position and velocity differences
+        of
         neighbours in sorted order ``(B, n - 1)``.
     """
     B, n = xc.shape
@@ -226,7 +248,7 @@ def knn(xc: Tensor, k: int, rows: Tensor | None = None, chunk: int = 1024) -> Te
 
 
 def gather_neighbours(x: Tensor, idx: Tensor) -> Tensor:
-    """``x: (B, N, F)``, ``idx: (B, n, K)`` into ``N`` -> ``(B, n, K, F)`` (one ``index_select`` on flattened rows)."""
+    """``x: (B, N, F)``, ``idx: (B, n, K)`` into ``N`` -> ``(B, n, K, F)``, by one ``index_select``."""
     B, n, K = idx.shape
     N, F = x.shape[1], x.shape[-1]
     off = (torch.arange(B, device=idx.device) * N)[:, None, None]
@@ -243,7 +265,8 @@ def _sym_min_eig(S: Tensor) -> tuple[Tensor, Tensor]:
         half = 0.5 * (a - d)
         r = torch.sqrt(half * half + b * b)
         lam = 0.5 * (a + d) - r
-        # eigenvector of [[a, b], [b, d]] for lam: (b, lam - a) or (lam - d, b), whichever is better conditioned
+        # eigenvector of [[a, b], [b, d]] for lam: (b, lam - a) or (lam - d, b), whichever is better
+        # conditioned
         e1 = torch.stack([b, lam - a], -1)
         e2 = torch.stack([lam - d, b], -1)
         use1 = (e1 * e1).sum(-1) >= (e2 * e2).sum(-1)
@@ -298,9 +321,12 @@ def local_rates_jacobian(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``lambda_min`` of the symmetric part of the least-squares velocity gradient over each neighbourhood.
 
-    ``dV ~ dX J`` is fitted over the particle and its ``K`` neighbours (centred); ``lambda = lambda_min(sym J)`` and
-    its standard error ``sd * sqrt(e^T (dX^T dX)^-1 e)`` along the eigenvector ``e``, with ``sd`` the larger of the
-    model-based ``sd_v`` ``(B,)`` and the fits' pooled robust residual SD. Returns ``(lam, se, sd, r2, dot)``, the last
+    ``dV ~ dX J`` is fitted over the particle and its ``K`` neighbours (centred); ``lambda = lambda_min(sym
+    J)`` and
+    its standard error ``sd * sqrt(e^T (dX^T dX)^-1 e)`` along the eigenvector ``e``, with ``sd`` the larger
+    of the
+    model-based ``sd_v`` ``(B,)`` and the fits' pooled robust residual SD. Returns ``(lam, se, sd, r2, dot)``,
+    the last
     two the pair statistics of :func:`pair_stats`.
     """
     D = xc.shape[-1]
@@ -328,7 +354,7 @@ def local_rates_jacobian(
 
 
 def feature_major(xc: Tensor, v: Tensor) -> Tensor:
-    """Positions and velocities ``(B, n, D)`` as one feature-major matrix ``(2D, B n)`` for :func:`pair_stats`."""
+    """Positions and velocities ``(B, n, D)`` as one feature-major matrix ``(2D, B n)``."""
     B, n, D = xc.shape
     return torch.stack([xc, v], 0).permute(0, 3, 1, 2).reshape(2 * D, B * n)
 
@@ -340,8 +366,10 @@ def pair_stats(fm: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         fm: :func:`feature_major` positions and velocities ``(2D, B n)``.
         idx: neighbour indices ``(B, n, K)``.
 
-    One ``index_select`` gathers positions and velocities of all neighbours at once; the feature-major layout makes
-    the sums over coordinates (and later the minimum over neighbours) run over leading dimensions, several times
+    One ``index_select`` gathers positions and velocities of all neighbours at once; the feature-major layout
+    makes
+    the sums over coordinates (and later the minimum over neighbours) run over leading dimensions, several
+    times
     faster on CPU than reducing a short trailing one.
     """
     B, n, K = idx.shape
@@ -356,8 +384,10 @@ def pair_stats(fm: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 def local_rates_pairs(r2: Tensor, dot: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor]:
     """Pairwise strain rates over kNN pairs: ``dx.dv / |dx|^2 = -c/|dx|`` (``c`` the closing speed).
 
-    The time to close a pair is ``|dx|/c = -1/strain``; the most significantly closing pair of each particle gives its
-    ``lambda`` (the strain along a pair direction ``e`` is ``e^T J e >= lambda_min(sym J)``), with standard error
+    The time to close a pair is ``|dx|/c = -1/strain``; the most significantly closing pair of each particle
+    gives its
+    ``lambda`` (the strain along a pair direction ``e`` is ``e^T J e >= lambda_min(sym J)``), with standard
+    error
     ``sqrt(2) sd_v / |dx|``. Args: ``r2, dot`` ``(K, B, n)`` from :func:`pair_stats`; ``sd_v`` ``(B,)``.
     """
     tiny = torch.finfo(r2.dtype).tiny
@@ -372,17 +402,21 @@ def local_rates_pairs(r2: Tensor, dot: Tensor, sd_v: Tensor) -> tuple[Tensor, Te
 def collapse_pairs(
     r2: Tensor, dot: Tensor, dt_now: Tensor, sd_v: Tensor, sd_m: Tensor, nu: Tensor, z: float
 ) -> Tensor:
-    """Whether any significantly closing pair has crossed or come within the viscous width, per group ``(B,)``.
+    """Whether a significantly closing pair has crossed or come within the viscous width, per group.
 
     Args:
         r2, dot: ``|dx|^2`` and ``dx.dv`` of pairs at the window centre, ``(B, ...)`` or ``(K, B, n)``.
         dt_now: time from the window centre to now (0-d).
-        sd_v, sd_m: velocity and position noise SDs ``(B,)``; nu: viscosity ``(B,)`` (zero unless significant);
+        sd_v, sd_m: velocity and position noise SDs ``(B,)``; nu: viscosity ``(B,)`` (zero unless
+        significant);
         z: critical value.
 
-    A pair is *closing* when its closing speed ``c = -dx.dv/|dx|`` exceeds ``z sqrt(2) sd_v``. Its separation now,
-    along the fitted lines, is ``dx + dt dv``; projected on ``dx`` that is ``(|dx|^2 + dt dx.dv)/|dx|``. The pair has
-    *crossed* when that is below ``-z sqrt(2) sd_m``, and it is *viscous* when ``|proj| c < 2 nu`` (closer than the
+    A pair is *closing* when its closing speed ``c = -dx.dv/|dx|`` exceeds ``z sqrt(2) sd_v``. Its separation
+    now,
+    along the fitted lines, is ``dx + dt dv``; projected on ``dx`` that is ``(|dx|^2 + dt dx.dv)/|dx|``. The
+    pair has
+    *crossed* when that is below ``-z sqrt(2) sd_m``, and it is *viscous* when ``|proj| c < 2 nu`` (closer
+    than the
     viscous width ``2 nu / c``).
     """
     B = sd_v.shape[0]
@@ -413,7 +447,8 @@ def reduce_group(
         lam, se: local compression rates and standard errors ``(B, n)``.
         valid: particles allowed to count ``(B, n)`` (finite input).
         z: critical value (already corrected for the number of comparisons).
-        rank: the group's time to shock is the ``rank``-th smallest ``tau`` of its significant particles (or the
+        rank: the group's time to shock is the ``rank``-th smallest ``tau`` of its significant particles (or
+        the
             largest when fewer are significant): a crossing involves a neighbourhood, not one particle, and an
             order statistic is far less noisy than the minimum of many noisy estimates.
         quantile: when given, the ``quantile`` of the significant ``tau`` instead.
@@ -421,12 +456,15 @@ def reduce_group(
 
     Returns:
         ``(tau, strength, units, sd_tau)``: ``tau = -1/lambda`` of the group (``inf`` when nothing is
-        significant), the largest ``-lambda/SE`` among significant particles, the indices of the ``k_units`` most
+        significant), the largest ``-lambda/SE`` among significant particles, the indices of the ``k_units``
+        most
         compressive significant particles (``-1`` padding), and the standard error of ``tau`` (``tau^2 SE``).
     """
     tiny = torch.finfo(lam.dtype).tiny
     sig = valid & (lam + z * se < 0) & torch.isfinite(lam)
-    tau = torch.where(sig, -1.0 / torch.where(sig, lam, -torch.ones_like(lam)), torch.full_like(lam, math.inf))
+    tau = torch.where(
+        sig, -1.0 / torch.where(sig, lam, -torch.ones_like(lam)), torch.full_like(lam, math.inf)
+    )
     n_sig = sig.sum(1)
     zscore = torch.where(sig, -lam / se.clamp_min(tiny), torch.zeros_like(lam))
     strength = zscore.amax(1)
@@ -446,9 +484,13 @@ def reduce_group(
         pick = srt.indices.gather(1, kq)
     tau_g = tau.gather(1, pick)[:, 0]
     # uncertainty of the group's forecast: delta method on tau = -1/lambda of the chosen particle
-    sd_tau = torch.where(torch.isfinite(tau_g), (tau_g**2) * se.gather(1, pick)[:, 0], torch.full_like(tau_g, math.inf))
+    sd_tau = torch.where(
+        torch.isfinite(tau_g), (tau_g**2) * se.gather(1, pick)[:, 0], torch.full_like(tau_g, math.inf)
+    )
     ku = min(k_units, k)
-    units = torch.where(torch.isfinite(top.values[:, :ku]), top.indices[:, :ku], torch.full_like(top.indices[:, :ku], -1))
+    units = torch.where(
+        torch.isfinite(top.values[:, :ku]), top.indices[:, :ku], torch.full_like(top.indices[:, :ku], -1)
+    )
     if ku < k_units:
         pad = torch.full((B, k_units - ku), -1, dtype=units.dtype, device=units.device)
         units = torch.cat([units, pad], 1)

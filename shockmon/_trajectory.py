@@ -3,9 +3,11 @@
 Along the path the compression rate is ``s = <v, dv/dt> / |v|^2`` (``= d log|v| / dt``). Burgers predicts the
 Riccati law ``ds/dt = -s^2``: ``1/s`` grows with slope 1 and, when ``s < 0``, blows up after ``-1/s``.
 
-1. :func:`path_rate` -- velocity and acceleration at the window's centre from a least-squares quadratic over the
+1. :func:`path_rate` -- velocity and acceleration at the window's centre from a least-squares quadratic over
+the
    last ``L`` snapshots, and ``s`` (``nan`` when the velocity is not significantly non-zero).
-2. :func:`riccati_fit` -- a least-squares line ``1/s = a + b t`` over the last ``M`` values of ``s``: the slope ``b``
+2. :func:`riccati_fit` -- a least-squares line ``1/s = a + b t`` over the last ``M`` values of ``s``: the
+slope ``b``
    is the *Burgers-consistency* figure (1 for Burgers, 0 for a stationary contraction), and the line's zero
    ``t* = t - (1/s)/b`` is the forecast blow-up time.
 """
@@ -41,8 +43,10 @@ def quadratic_weights(times: Tensor, filled: int) -> tuple[Tensor, Tensor, Tenso
     return W, tbar, Ginv[1, 1]
 
 
-def quadratic_design_host(times: list[float], filled: int, device: torch.device) -> tuple[Tensor, Tensor, float, float]:
-    """:func:`quadratic_weights` for host-known times: ``(W, X, tbar, var_b)`` with the design ``X`` ``(L, 3)``."""
+def quadratic_design_host(
+    times: list[float], filled: int, device: torch.device
+) -> tuple[Tensor, Tensor, float, float]:
+    """:func:`quadratic_weights` for host-known times: ``(W, X, tbar, var_b)``, design ``X`` ``(L, 3)``."""
     L = len(times)
     valid = np.arange(L) < filled
     t = np.where(valid, np.asarray(times, dtype=np.float64), 0.0)
@@ -60,9 +64,10 @@ def quadratic_design_host(times: list[float], filled: int, device: torch.device)
 def path_rate(
     ring: Tensor, times: Tensor, filled: int, z: float, host_times: list[float] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(s, var_s, tbar)``: compression rate along the path at the window's centre time, its variance, and that time.
+    """``(s, var_s, tbar)``: compression rate along the path at the window's centre, its variance, the time.
 
-    ``s = <v, a>/|v|^2`` from the quadratic fit; ``var_s ~ Var(a_parallel)/|v|^2`` (the acceleration's error along
+    ``s = <v, a>/|v|^2`` from the quadratic fit; ``var_s ~ Var(a_parallel)/|v|^2`` (the acceleration's error
+    along
     ``v`` dominates). ``s`` is ``nan`` if ``|v|`` is not ``z`` standard errors (pooled over coordinates) above
     its noise, or below float resolution. ``host_times``: the ring's times when known on the host (faster).
     """
@@ -96,7 +101,9 @@ def path_rate(
     return torch.where(ok, s, nan), torch.where(ok, var_s.to(s.dtype), nan), tbar
 
 
-def riccati_fit(ts: Tensor, ss: Tensor, vs: Tensor, min_points: int, inflate: float) -> tuple[Tensor, Tensor, Tensor]:
+def riccati_fit(
+    ts: Tensor, ss: Tensor, vs: Tensor, min_points: int, inflate: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Line ``1/s = a + b t`` by inverse-variance weighted least squares over the finite entries of a history.
 
     Args:
@@ -105,11 +112,13 @@ def riccati_fit(ts: Tensor, ss: Tensor, vs: Tensor, min_points: int, inflate: fl
         inflate: factor on the slope's standard error for the correlation of successive rates (they come from
             overlapping windows).
 
-    The variance of ``y = 1/s`` is ``var_s / s^4`` (delta method), so early, small rates weigh little. The slope's
+    The variance of ``y = 1/s`` is ``var_s / s^4`` (delta method), so early, small rates weigh little. The
+    slope's
     standard error is the larger of the weighted-residual one and the model one, times ``inflate``.
 
     Returns:
-        ``(b, se_b, t_star)``: slope, its standard error, and the zero of the line (``inf`` when ``b <= 0`` or the
+        ``(b, se_b, t_star)``: slope, its standard error, and the zero of the line (``inf`` when ``b <= 0`` or
+        the
         current ``1/s >= 0``, i.e. no blow-up ahead).
     """
     y = (1.0 / ss).double()

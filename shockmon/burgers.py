@@ -3,22 +3,27 @@
 Burgers' equation ``u_t + u u_x = nu u_xx`` on the line, with initial data ``u0``:
 
 * **Inviscid** (``nu = 0``), before the first crossing: characteristics are straight lines,
-  ``x = x0 + t u0(x0)`` (:func:`characteristics`), the velocity is carried unchanged along them, and the gradient
-  along a characteristic obeys the Riccati law ``s' = -s^2``, so ``u_x = u0'/(1 + t u0')``. The first crossing (the
+  ``x = x0 + t u0(x0)`` (:func:`characteristics`), the velocity is carried unchanged along them, and the
+  gradient
+  along a characteristic obeys the Riccati law ``s' = -s^2``, so ``u_x = u0'/(1 + t u0')``. The first crossing
+  (the
   gradient catastrophe) happens at ``t* = -1 / min u0'`` (:func:`breaking_time`).
 * **Viscous**, exactly, by Hopf--Cole: ``u = -2 nu d/dx log phi`` with ``phi`` the heat-kernel convolution of
-  ``exp(-Phi0 / (2 nu))``, ``Phi0`` a primitive of ``u0`` (the potential). :func:`hopf_cole` evaluates it by quadrature
+  ``exp(-Phi0 / (2 nu))``, ``Phi0`` a primitive of ``u0`` (the potential). :func:`hopf_cole` evaluates it by
+  quadrature
   in the shift ``z = y - x``::
 
       w(z) ∝ exp(-z^2/(4 nu t) - Phi0(x + z)/(2 nu)),   u = -E_w[z]/t,   u_x = Cov_w(z, u0(x + z))/(2 nu t),
 
-  with weights normalised by log-sum-exp (no overflow for small ``nu``) on a uniform grid fine enough to resolve
+  with weights normalised by log-sum-exp (no overflow for small ``nu``) on a uniform grid fine enough to
+  resolve
   the narrowest peak of ``w`` (trapezoid quadrature of a smooth, rapidly decaying integrand converges
   exponentially).
 * Closed forms used to check the quadrature: the steady viscous shock ``-U tanh(U x/(2 nu))``
   (:func:`viscous_shock`) and the Riemann step (:func:`riemann_step`).
 
-Everything is float64 torch, CPU by default. Example (the benchmark of Basdevant et al., 1986: ``u0 = -sin(pi x)``,
+Everything is float64 torch, CPU by default. Example (the benchmark of Basdevant et al., 1986: ``u0 = -sin(pi
+x)``,
 ``nu = 0.01/pi``, steepest gradient ``u_x(0, 1.6037/pi) = -152.00516``):
 
     >>> import math, torch
@@ -34,7 +39,7 @@ Everything is float64 torch, CPU by default. Example (the benchmark of Basdevant
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -75,7 +80,8 @@ def _derivative(f: Field, x: torch.Tensor) -> torch.Tensor:
 def breaking_time(u0: Field, x: torch.Tensor, du0: Field | None = None) -> float:
     """Gradient-catastrophe time ``t* = -1 / min u0'`` (``inf`` when ``u0`` is nowhere decreasing).
 
-    The minimum of ``u0'`` is searched on the grid ``x`` and refined by golden-section search around the best grid
+    The minimum of ``u0'`` is searched on the grid ``x`` and refined by golden-section search around the best
+    grid
     point. ``u0'`` comes from ``du0`` when given, else from autograd.
 
     Example:
@@ -103,10 +109,13 @@ def breaking_time(u0: Field, x: torch.Tensor, du0: Field | None = None) -> float
     return math.inf if m >= 0 else -1.0 / m
 
 
-def inviscid_solution(x: torch.Tensor, t: float, u0: Field, lo: float, hi: float, iters: int = 100) -> torch.Tensor:
+def inviscid_solution(
+    x: torch.Tensor, t: float, u0: Field, lo: float, hi: float, iters: int = 100
+) -> torch.Tensor:
     """Inviscid velocity ``u(x, t)`` before the first crossing, by inverting the characteristic map.
 
-    Solves ``x = x0 + t u0(x0)`` for ``x0`` in ``[lo, hi]`` by bisection (the map is increasing for ``t < t*``), then
+    Solves ``x = x0 + t u0(x0)`` for ``x0`` in ``[lo, hi]`` by bisection (the map is increasing for ``t <
+    t*``), then
     returns ``u0(x0)``.
 
     Example:
@@ -192,7 +201,9 @@ def hopf_cole(
     h = width / points_per_width
     n = 2 * math.ceil(zmax / h) + 1
     if n > max_points:
-        raise ValueError(f"Expected a quadrature grid of at most `max_points`={max_points} points, but needed {n}")
+        raise ValueError(
+            f"Expected a quadrature grid of at most `max_points`={max_points} points, but needed {n}"
+        )
     z = -zmax + h * torch.arange(n, dtype=torch.float64)
     chunk = max(1, 4_000_000 // n)
     us, uxs = [], []
@@ -214,7 +225,7 @@ def hopf_cole(
 
 
 def viscous_shock(x: torch.Tensor, U: float, nu: float, center: float = 0.0) -> torch.Tensor:
-    """Steady viscous shock ``u = -U tanh(U (x - center) / (2 nu))``; its slope at the centre is ``-U^2/(2 nu)``.
+    """Steady viscous shock ``u = -U tanh(U (x - center) / (2 nu))``, of slope ``-U^2/(2 nu)`` at the centre.
 
     Example:
         >>> viscous_shock(torch.tensor([0.0]), 1.0, 0.1).tolist()
@@ -231,9 +242,12 @@ def _log_erfc(z: torch.Tensor) -> torch.Tensor:
 def riemann_step(x: torch.Tensor, t: float, nu: float, u_left: float, u_right: float) -> torch.Tensor:
     """Closed-form viscous solution for the step ``u0 = u_left (x < 0), u_right (x > 0)``.
 
-    ``u = (u_L A_L + u_R A_R) / (A_L + A_R)`` with ``A_L = exp(-u_L (x - u_L t / 2) / (2 nu)) erfc((x - u_L t) /
-    sqrt(4 nu t))`` and ``A_R = exp(-u_R (x - u_R t / 2) / (2 nu)) erfc(-(x - u_R t) / sqrt(4 nu t))`` (Hopf--Cole
-    with the piecewise-linear potential), evaluated in log space. For ``u_L > u_R`` it tends to a viscous shock
+    ``u = (u_L A_L + u_R A_R) / (A_L + A_R)`` with ``A_L = exp(-u_L (x - u_L t / 2) / (2 nu)) erfc((x - u_L t)
+    /
+    sqrt(4 nu t))`` and ``A_R = exp(-u_R (x - u_R t / 2) / (2 nu)) erfc(-(x - u_R t) / sqrt(4 nu t))``
+    (Hopf--Cole
+    with the piecewise-linear potential), evaluated in log space. For ``u_L > u_R`` it tends to a viscous
+    shock
     moving at ``(u_L + u_R) / 2``.
 
     Example:
@@ -260,8 +274,10 @@ def formation_time(
 ) -> float:
     """First time the exact viscous gradient ``u_x(x, t)`` reaches ``level`` (``< 0``), by bisection.
 
-    ``u_x(x, t)`` is scanned on 201 times in ``[t_lo, t_hi]`` for the first one at or below ``level``, then the
-    bracket is bisected to ``tol``; ``inf`` when it is never reached. Used to define the shock-formation time ``t_f`` in the tracker's tests: the time the gradient at the shock
+    ``u_x(x, t)`` is scanned on 201 times in ``[t_lo, t_hi]`` for the first one at or below ``level``, then
+    the
+    bracket is bisected to ``tol``; ``inf`` when it is never reached. Used to define the shock-formation time
+    ``t_f`` in the tracker's tests: the time the gradient at the shock
     reaches half the steady viscous-shock slope, ``level = -U^2 / (4 nu)``.
 
     Example:
@@ -273,7 +289,8 @@ def formation_time(
     def g(tt: float) -> float:
         return float(hopf_cole(xs, tt, nu, u0, potential)[1][0])
 
-    # The gradient at a viscous shock steepens, saturates, then decays as the wave loses amplitude: scan for the
+    # The gradient at a viscous shock steepens, saturates, then decays as the wave loses amplitude: scan for
+    # the
     # first bracket, then bisect inside it.
     grid = torch.linspace(t_lo, t_hi, 201, dtype=torch.float64).tolist()
     prev = grid[0]

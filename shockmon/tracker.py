@@ -1,19 +1,27 @@
 """The streaming Burgers characteristic tracker.
 
 :class:`BurgersTracker` takes quotient observables step by step and forecasts shocks -- the moment
-characteristics cross. It is pure torch, knows nothing of models or Lightning, keeps its state on the device of its
+characteristics cross. It is pure torch, knows nothing of models or Lightning, keeps its state on the device
+of its
 inputs, and synchronises with the host only in :meth:`BurgersTracker.poll`.
 
-The computations live in pure functions: :mod:`shockmon._particles` (particle view), :mod:`shockmon._trajectory`
-(trajectory view) and :mod:`shockmon._alerts` (Riccati gate, hysteresis, event ring). This module orchestrates them.
+The computations live in pure functions: :mod:`shockmon._particles` (particle view),
+:mod:`shockmon._trajectory`
+(trajectory view) and :mod:`shockmon._alerts` (Riccati gate, hysteresis, event ring). This module orchestrates
+them.
 
-Cost and state. Groups of equal shape ``(n, D)`` are stacked into *buckets* and processed by one batch of tensor
-operations, so the cost per update is a few dozen kernels per bucket, not per group. State is a ring of the last
+Cost and state. Groups of equal shape ``(n, D)`` are stacked into *buckets* and processed by one batch of
+tensor
+operations, so the cost per update is a few dozen kernels per bucket, not per group. State is a ring of the
+last
 ``window`` snapshots per group, O(particles x window), fixed in size whatever the number of steps. In 1-D the
-neighbours are the sorted neighbours (a sort per update, O(n log n)); in D > 1 they are exact k-nearest neighbours
+neighbours are the sorted neighbours (a sort per update, O(n log n)); in D > 1 they are exact k-nearest
+neighbours
 by ``cdist`` + ``topk`` (O(n^2 D)), refreshed round-robin every ``knn_every`` updates. Groups of more than
-``max_particles`` particles are tracked on a fixed random subsample of that size (seeded, saved in the state dict):
-the cost then stops growing with ``n`` but a shock confined to fewer than about ``n / max_particles`` particles can
+``max_particles`` particles are tracked on a fixed random subsample of that size (seeded, saved in the state
+dict):
+the cost then stops growing with ``n`` but a shock confined to fewer than about ``n / max_particles``
+particles can
 be missed.
 """
 
@@ -40,7 +48,11 @@ __all__ = ["BurgersTracker"]
 TRAJECTORY = "trajectory"
 #: per-group features passed from the views to the alert logic, in this column order
 _FEATURES = ("T", "sd_T", "tau", "strength", "collapse", "nonfinite", "nu")
-_KINDS = {al.KIND_FORECAST: EventKind.FORECAST, al.KIND_SHOCK: EventKind.SHOCK, al.KIND_DIVERGENCE: EventKind.DIVERGENCE}
+_KINDS = {
+    al.KIND_FORECAST: EventKind.FORECAST,
+    al.KIND_SHOCK: EventKind.SHOCK,
+    al.KIND_DIVERGENCE: EventKind.DIVERGENCE,
+}
 _METHODS = ("auto", "jacobian", "pairs")
 _TIMES = ("step", "lr")
 
@@ -63,7 +75,9 @@ def _float_arg(name: str, value: Any, low: float, high: float = math.inf, open_l
 class _Bucket:
     """Groups of identical shape, processed together. Host bookkeeping plus device tensors."""
 
-    def __init__(self, names: list[str], n: int, D: int, dtype: torch.dtype, device: torch.device, L: int) -> None:
+    def __init__(
+        self, names: list[str], n: int, D: int, dtype: torch.dtype, device: torch.device, L: int
+    ) -> None:
         self.names = list(names)
         self.n, self.D, self.dtype, self.device, self.L = n, D, dtype, device, L
         B = len(names)
@@ -101,7 +115,19 @@ class _Bucket:
         d = {k: getattr(self, k) for k in ("names", "n", "D", "L", "count", "noise_count")}
         d["times_host"] = None if self.times_host is None else list(self.times_host)
         d["dtype"] = str(self.dtype).replace("torch.", "")
-        for k in ("pos", "times", "noise_d", "noise_m", "noise_dvar", "noise_pos", "xc", "v", "tc", "knn", "sub"):
+        for k in (
+            "pos",
+            "times",
+            "noise_d",
+            "noise_m",
+            "noise_dvar",
+            "noise_pos",
+            "xc",
+            "v",
+            "tc",
+            "knn",
+            "sub",
+        ):
             d[k] = getattr(self, k)
         return d
 
@@ -110,7 +136,19 @@ class _Bucket:
         b = cls(d["names"], d["n"], d["D"], getattr(torch, d["dtype"]), device, d["L"])
         b.count, b.noise_count = int(d["count"]), int(d["noise_count"])
         b.times_host = None if d["times_host"] is None else list(d["times_host"])
-        for k in ("pos", "times", "noise_d", "noise_m", "noise_dvar", "noise_pos", "xc", "v", "tc", "knn", "sub"):
+        for k in (
+            "pos",
+            "times",
+            "noise_d",
+            "noise_m",
+            "noise_dvar",
+            "noise_pos",
+            "xc",
+            "v",
+            "tc",
+            "knn",
+            "sub",
+        ):
             val = d[k]
             setattr(b, k, None if val is None else val.to(device).clone())
         return b
@@ -119,21 +157,31 @@ class _Bucket:
 class BurgersTracker:
     """Streaming Burgers characteristic tracker: forecasts shocks from quotient observables, on device.
 
-    Two views of the same picture. **Particle view**: each group (a layer's units, a block's heads) is a set of
-    particles ``x_i(t)`` in invariant coordinates; velocities are least-squares slopes over the last ``window``
+    Two views of the same picture. **Particle view**: each group (a layer's units, a block's heads) is a set
+    of
+    particles ``x_i(t)`` in invariant coordinates; velocities are least-squares slopes over the last
+    ``window``
     snapshots; the local velocity gradient is fitted over ``neighbors`` neighbours and its compression rate
-    ``lambda_i = lambda_min(sym J_i)`` counts when significantly negative (Bonferroni over the group). The forecast is
-    ``t_c - 1/lambda`` with ``t_c`` the window's centre time (the velocities' lag corrected), robust-minimised over the
-    group, and it is kept only while it is *Burgers-consistent*: along characteristics ``-1/lambda`` shrinks at rate
-    one, so the forecast stays put; a forecast that recedes (a stationary contraction, or a viscous shock that has
+    ``lambda_i = lambda_min(sym J_i)`` counts when significantly negative (Bonferroni over the group). The
+    forecast is
+    ``t_c - 1/lambda`` with ``t_c`` the window's centre time (the velocities' lag corrected), robust-minimised
+    over the
+    group, and it is kept only while it is *Burgers-consistent*: along characteristics ``-1/lambda`` shrinks
+    at rate
+    one, so the forecast stays put; a forecast that recedes (a stationary contraction, or a viscous shock that
+    has
     formed) is not a coming crossing. **Trajectory view**: for the vector ``q(t)`` of all scalar quotient
-    observables, ``s = <v, dv/dt>/|v|^2`` and a Riccati fit ``1/s = a + b t``; ``b`` is the Burgers-consistency figure
+    observables, ``s = <v, dv/dt>/|v|^2`` and a Riccati fit ``1/s = a + b t``; ``b`` is the
+    Burgers-consistency figure
     and the fit's zero the forecast blow-up.
 
     A *shock* happens when a significantly closing pair of particles crosses or comes within the viscous width
-    ``2 nu/|dv|``, when the forecast time is reached, or when an imminent compression stops steepening (the forecast
-    recedes: the gradient plateaus at its viscous limit). Viscosity ``nu = D_hat/2`` comes from the MAD variance of
-    velocity residuals, with measurement noise (constant in the lag) separated from diffusion (growing with it).
+    ``2 nu/|dv|``, when the forecast time is reached, or when an imminent compression stops steepening (the
+    forecast
+    recedes: the gradient plateaus at its viscous limit). Viscosity ``nu = D_hat/2`` comes from the MAD
+    variance of
+    velocity residuals, with measurement noise (constant in the lag) separated from diffusion (growing with
+    it).
 
     Args:
         horizon: a ``forecast`` event fires when a shock is predicted within this many steps (``H_on``).
@@ -142,21 +190,29 @@ class BurgersTracker:
         alpha: family-wise false-alarm rate per group and update for the significance test, in ``(0, 0.5)``.
         rank: the group's time to shock is the ``rank``-th smallest of its significant particles' (an order
             statistic is much steadier than the minimum of many noisy estimates, and biased late by only about
-            ``T'' (rank * spacing / 2)^2 / 2`` where ``T(x0)`` is the crossing time of the characteristic from ``x0``).
-        quantile: if given, use this quantile of the significant particles' times to shock instead of ``rank``.
-        method: ``"auto"`` (least-squares Jacobian when ``D <= 3`` and ``K >= 2D + 1``, with closed-form eigenvalues;
-            pairwise closing times otherwise), ``"jacobian"`` (``torch.linalg.eigh`` beyond ``D = 3``) or ``"pairs"``.
-            Pairwise closing sees a compression along ``e`` only through ``(e . pair)^2``: with few neighbours in high
+            ``T'' (rank * spacing / 2)^2 / 2`` where ``T(x0)`` is the crossing time of the characteristic from
+            ``x0``).
+        quantile: if given, use this quantile of the significant particles' times to shock instead of
+        ``rank``.
+        method: ``"auto"`` (least-squares Jacobian when ``D <= 3`` and ``K >= 2D + 1``, with closed-form
+        eigenvalues;
+            pairwise closing times otherwise), ``"jacobian"`` (``torch.linalg.eigh`` beyond ``D = 3``) or
+            ``"pairs"``.
+            Pairwise closing sees a compression along ``e`` only through ``(e . pair)^2``: with few neighbours
+            in high
             dimension its forecasts are late (conservative), never early.
-        time: ``"step"`` or ``"lr"`` (learning-rate time ``t = sum lr``; forecasts are converted back to steps at the
+        time: ``"step"`` or ``"lr"`` (learning-rate time ``t = sum lr``; forecasts are converted back to steps
+        at the
             current learning rate).
         n_on, n_off: updates a condition must hold to arm / disarm.
         disarm_horizon: ``H_off``, default ``2 * horizon``.
         cooldown: updates after a disarm during which no forecast arms.
         warmup: no forecast or shock event before this step.
         shock_updates: updates the shock criterion must hold.
-        riccati_window: forecasts in the particle view's Burgers-consistency fit (default ``window``), ``>= 4``.
-        trajectory_window: rates ``s`` in the trajectory view's Riccati fit (default ``4 * window``), ``>= 4``.
+        riccati_window: forecasts in the particle view's Burgers-consistency fit (default ``window``), ``>=
+        4``.
+        trajectory_window: rates ``s`` in the trajectory view's Riccati fit (default ``4 * window``), ``>=
+        4``.
         max_particles: larger groups are tracked on a fixed random subsample of this size.
         knn_every: in D > 1, each particle's neighbour list is recomputed (exactly) every this many updates; a
             slice of ``n / knn_every`` lists per group is refreshed at each update, so the cost is steady.
@@ -217,7 +273,9 @@ class BurgersTracker:
         self.neighbors = _int_arg("neighbors", neighbors, 2)
         self.alpha = _float_arg("alpha", alpha, 0.0, 0.5)
         self.rank = _int_arg("rank", rank, 1)
-        self.quantile = None if quantile is None else _float_arg("quantile", quantile, 0.0, 1.0, open_low=False)
+        self.quantile = (
+            None if quantile is None else _float_arg("quantile", quantile, 0.0, 1.0, open_low=False)
+        )
         if not isinstance(method, str) or method not in _METHODS:
             raise ValueError(f"Expected argument `method` to be one of {_METHODS}, but got {method!r}")
         self.method = method
@@ -230,7 +288,8 @@ class BurgersTracker:
         self.disarm_horizon = _float_arg("disarm_horizon", h_off, 0.0)
         if self.disarm_horizon < self.horizon:
             raise ValueError(
-                f"Expected argument `disarm_horizon` to be >= `horizon` ({self.horizon}), but got {self.disarm_horizon}"
+                f"Expected argument `disarm_horizon` to be >= `horizon` ({self.horizon}),"
+                f" but got {self.disarm_horizon}"
             )
         self.cooldown = _int_arg("cooldown", cooldown, 0)
         self.warmup = _int_arg("warmup", warmup, 0)
@@ -304,7 +363,20 @@ class BurgersTracker:
         self._g = {k: v.to(device) for k, v in self._g.items()}
         for b in self._buckets:
             b.device = device
-            for f in ("pos", "times", "noise_d", "noise_m", "noise_dvar", "noise_pos", "xc", "v", "tc", "knn", "sub", "gidx"):
+            for f in (
+                "pos",
+                "times",
+                "noise_d",
+                "noise_m",
+                "noise_dvar",
+                "noise_pos",
+                "xc",
+                "v",
+                "tc",
+                "knn",
+                "sub",
+                "gidx",
+            ):
                 val = getattr(b, f)
                 setattr(b, f, None if val is None else val.to(device))
         if self._traj is not None:
@@ -360,23 +432,33 @@ class BurgersTracker:
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"Expected `step` to increase, but got {step} after {self._last_step}")
         if not isinstance(groups, Mapping):
-            raise TypeError(f"Expected `groups` to be a mapping name -> Tensor, but got {type(groups).__name__}")
+            raise TypeError(
+                f"Expected `groups` to be a mapping name -> Tensor, but got {type(groups).__name__}"
+            )
         out: dict[str, Tensor] = {}
         for name, x in groups.items():
             if not isinstance(name, str) or not name or name == TRAJECTORY:
-                raise ValueError(f"Expected group names to be non-empty strings other than 'trajectory', got {name!r}")
+                raise ValueError(
+                    f"Expected group names to be non-empty strings other than 'trajectory', got {name!r}"
+                )
             if not isinstance(x, Tensor):
                 raise TypeError(f"Expected group {name!r} to be a Tensor, but got {type(x).__name__}")
             if x.dim() not in (1, 2) or x.shape[0] < 1 or (x.dim() == 2 and x.shape[1] < 1):
-                raise ValueError(f"Expected group {name!r} to have shape (n,) or (n, D), but got {tuple(x.shape)}")
+                raise ValueError(
+                    f"Expected group {name!r} to have shape (n,) or (n, D), but got {tuple(x.shape)}"
+                )
             if x.is_complex() or not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
                 raise TypeError(f"Expected group {name!r} to be a real tensor, but got dtype {x.dtype}")
             out[name] = x
         if trajectory is not None:
             if not isinstance(trajectory, Tensor):
-                raise TypeError(f"Expected `trajectory` to be a Tensor or None, but got {type(trajectory).__name__}")
+                raise TypeError(
+                    f"Expected `trajectory` to be a Tensor or None, but got {type(trajectory).__name__}"
+                )
             if trajectory.dim() != 1 or trajectory.numel() < 1:
-                raise ValueError(f"Expected `trajectory` to be a non-empty 1-D tensor, but got {tuple(trajectory.shape)}")
+                raise ValueError(
+                    f"Expected `trajectory` to be a non-empty 1-D tensor, but got {tuple(trajectory.shape)}"
+                )
         if lr is not None and not isinstance(lr, (numbers.Real, Tensor)):
             raise TypeError(f"Expected `lr` to be a float, a 0-d Tensor or None, but got {type(lr).__name__}")
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -401,17 +483,22 @@ class BurgersTracker:
             groups: group name -> particles, ``(n,)`` or ``(n, D)``, in module order; any device and dtype
                 (float64 inputs are tracked in float64, others in float32).
             trajectory: optional 1-D vector ``q(t)`` of all scalar quotient observables.
-            lr: learning rate, for ``time="lr"`` (required on the first update; later defaults to the last one).
+            lr: learning rate, for ``time="lr"`` (required on the first update; later defaults to the last
+            one).
 
-        A group whose size changes is warned about once per change and its history restarts. Non-finite values are
-        replaced by their particle's extrapolated fit (so they never poison the state) and raise a ``divergence``
+        A group whose size changes is warned about once per change and its history restarts. Non-finite values
+        are
+        replaced by their particle's extrapolated fit (so they never poison the state) and raise a
+        ``divergence``
         event.
         """
         step, groups = self._check(step, groups, trajectory, lr)
         first = next(iter(groups.values()), trajectory)
         if self._device is None:
             if first is None:
-                raise ValueError("Expected at least one group or a trajectory on the first update, but got none")
+                raise ValueError(
+                    "Expected at least one group or a trajectory on the first update, but got none"
+                )
             self._init_device(first.device)
         elif first is not None and first.device != self._device:
             self._move(first.device)  # e.g. state loaded from a CPU checkpoint, inputs on the GPU: once
@@ -533,7 +620,9 @@ class BurgersTracker:
         steps_raw = traw_all / rate
         upd = torch.tensor(upd_list, device=dev)
         warm = step >= self.warmup
-        to_fc, to_sh, to_div = al.step_machine(g, upd, warm, steps_to, steps_raw, shock_cond, nonf_all > 0, self._cfg)
+        to_fc, to_sh, to_div = al.step_machine(
+            g, upd, warm, steps_to, steps_raw, shock_cond, nonf_all > 0, self._cfg
+        )
         pred = step + steps_to
         g["pred"] = torch.where(upd, pred, g["pred"])
         g["steps"] = torch.where(upd, steps_to.clamp_min(0), g["steps"])
@@ -548,13 +637,15 @@ class BurgersTracker:
         gcol = self._rows_fixed[:, :1]
         Ud = U.double()
         rows_sm = torch.cat([stepv, gcol, kind, pred_ev, str_all[:, None], Ud[:, : self.units]], 1)
-        rows_dv = torch.cat([stepv, self._rows_fixed, pred[:, None], torch.zeros_like(stepv), Ud[:, self.units :]], 1)
+        rows_dv = torch.cat(
+            [stepv, self._rows_fixed, pred[:, None], torch.zeros_like(stepv), Ud[:, self.units :]], 1
+        )
         rows = torch.stack([rows_dv, rows_sm], 1).reshape(2 * G, -1)
         flags = torch.stack([to_div, to_fc | to_sh], 1).reshape(2 * G)
         al.write_events(g["buf"], g["counter"], rows, flags)
 
     def _bucket_update(self, b: _Bucket, xs: list[Tensor], t_now: Tensor) -> tuple[Tensor, Tensor]:
-        """Particle view of one bucket: features ``(B, 7)`` (see ``_FEATURES``) and unit indices ``(B, 2 units)``."""
+        """Particle view of a bucket: features ``(B, 7)`` (``_FEATURES``), unit indices ``(B, 2 units)``."""
         dev, L, K = b.device, b.L, self.neighbors
         x = torch.stack([xi.to(device=dev, dtype=b.dtype) for xi in xs])
         if x.dim() == 2:
@@ -589,7 +680,9 @@ class BurgersTracker:
         nonf = nonfinite.double()
         nan_b = torch.full((B,), math.nan, **f64)
 
-        def pack(T: Tensor, sdT: Tensor, traw: Tensor, strength: Tensor, coll: Tensor, nu: Tensor, units: Tensor):
+        def pack(
+            T: Tensor, sdT: Tensor, traw: Tensor, strength: Tensor, coll: Tensor, nu: Tensor, units: Tensor
+        ):
             feat = torch.stack([T, sdT, traw, strength, coll, nonf, nu], 1)
             return feat, torch.cat([units, nf_units], 1)
 
@@ -610,8 +703,10 @@ class BurgersTracker:
             tn = [b.times[i] for i in range(L)]
         xc, v = pt.fit_window(b.pos if filled == L else b.pos[:, :filled], w)
         b.xc, b.v, b.tc = xc, v, tc
-        # ---- noise: third differences of the newest snapshots (seven when the window allows), on a bounded subset
-        # (<= 256 values per group), every NOISE_EVERY updates: the estimates are averaged over 2L updates anyway
+        # ---- noise: third differences of the newest snapshots (seven when the window allows), on a bounded
+        # subset
+        # (<= 256 values per group), every NOISE_EVERY updates: the estimates are averaged over 2L updates
+        # anyway
         stride = max(1, -(-n * D // 256))
         k_noise = min(7, L, b.count)
         eps = torch.finfo(b.dtype).eps
@@ -622,7 +717,8 @@ class BurgersTracker:
             slots = [(b.count - 1 - i) % L for i in range(k_noise)]
             snaps = [b.pos[:, s_, ::stride].reshape(B, -1) for s_ in slots]
             d_inst, m_inst = pt.noise_update(snaps, [tn[s_] for s_ in slots])
-            # a running mean, then an exponential one over 2 windows; estimates from fewer snapshots than the full
+            # a running mean, then an exponential one over 2 windows; estimates from fewer snapshots than the
+            # full
             # stencil only seed it (they attribute all noise to diffusion)
             b.noise_count = 1 if not full else b.noise_count + 1
             beta = 1.0 / min(b.noise_count, max(2 * L // self._NOISE_EVERY, 1))
@@ -630,14 +726,17 @@ class BurgersTracker:
             b.noise_d = b.noise_d + beta * dev_d
             b.noise_m = b.noise_m + beta * (m_inst - b.noise_m)
             b.noise_dvar = b.noise_dvar + beta * (dev_d * dev_d * (1.0 - beta) - b.noise_dvar)
-            # the pooled scatter of the newest snapshot about the fitted lines now: a conservative position noise
+            # the pooled scatter of the newest snapshot about the fitted lines now: a conservative position
+            # noise
             resid_now = snaps[0] - (xc[:, ::stride] + v[:, ::stride] * dt_now.to(b.dtype)).reshape(B, -1)
             b.noise_pos = pt.mad_var(resid_now)
         d_rate = b.noise_d.clamp_min(0)
         sd_v = torch.sqrt((b.noise_m.clamp_min(0) + floor_m) * var_iid + d_rate * var_walk)  # (B,) float64
         nu = 0.5 * d_rate
-        # viscosity for the viscous-width test: only where the diffusion rate stands out of its estimation scatter
-        # (successive estimates share a seven-snapshot stencil: about min(count, 2L/NOISE_EVERY)/(7/NOISE_EVERY)
+        # viscosity for the viscous-width test: only where the diffusion rate stands out of its estimation
+        # scatter
+        # (successive estimates share a seven-snapshot stencil: about min(count,
+        # 2L/NOISE_EVERY)/(7/NOISE_EVERY)
         # of them are independent)
         n_eff = max(1.0, min(b.noise_count, 2 * L / self._NOISE_EVERY) * self._NOISE_EVERY / 7.0)
         nu_sig = 0.5 * (b.noise_d - 3.0 * torch.sqrt(b.noise_dvar.clamp_min(0) / n_eff)).clamp_min(0)
@@ -660,7 +759,7 @@ class BurgersTracker:
         else:
             if b.knn is None or b.knn.shape[-1] != k_eff:
                 b.knn = pt.knn(xc, k_eff)
-            else:  # refresh a round-robin slice (>= 64 rows) of the lists: each is at most `knn_every` updates old
+            else:  # refresh a round-robin slice (>= 64 rows) of the lists; each is <= `knn_every` updates old
                 per = min(n, max(64, -(-n // self.knn_every)))
                 period = max(1, (per * self.knn_every) // n)
                 if (b.count - L) % period == 0:
@@ -679,7 +778,15 @@ class BurgersTracker:
         tau, strength, units, sd_tau = pt.reduce_group(lam, se, fin, z, rank, self.quantile, self.units)
         coll = pt.collapse_pairs(r2, dot, dt_now, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z)
         tau = tau.double()
-        return pack(tc + tau, sd_tau.double(), tau - dt_now, strength.double(), coll.double(), nu, self._map_units(b, units))
+        return pack(
+            tc + tau,
+            sd_tau.double(),
+            tau - dt_now,
+            strength.double(),
+            coll.double(),
+            nu,
+            self._map_units(b, units),
+        )
 
     def _map_units(self, b: _Bucket, units: Tensor) -> Tensor:
         if b.sub is None:
@@ -707,7 +814,8 @@ class BurgersTracker:
         if tr is None or tr["ring"].shape[1] != P or tr["ring"].dtype != dtype:
             if tr is not None:
                 warnings.warn(
-                    f"The trajectory changed size from {tr['ring'].shape[1]} to {P}; its history restarts.", stacklevel=3
+                    f"The trajectory changed size from {tr['ring'].shape[1]} to {P}; its history restarts.",
+                    stacklevel=3,
                 )
             tr = self._traj = {
                 "ring": torch.zeros(L, P, dtype=dtype, device=dev),
@@ -746,7 +854,9 @@ class BurgersTracker:
         tr["hist_v"][hs] = var_s.double()
         tr["hcount"] += 1
         inflate = math.sqrt(L / 2.0)
-        b, se, t_star = tj.riccati_fit(tr["hist_t"], tr["hist_s"], tr["hist_v"], max(4, self.riccati_window // 2), inflate)
+        b, se, t_star = tj.riccati_fit(
+            tr["hist_t"], tr["hist_s"], tr["hist_v"], max(4, self.riccati_window // 2), inflate
+        )
         ok = torch.isfinite(t_star) & (b - 3.0 * se > 0)
         T = torch.where(ok, t_star, inf)
         strength = torch.where(ok, b / se.clamp_min(1e-300), zero)
@@ -770,7 +880,8 @@ class BurgersTracker:
     def summary(self) -> dict[str, Tensor]:
         """0-d device tensors for logging.
 
-        Keys: ``forecast/<group>`` (steps to shock, ``inf`` when none; 0 once predicted time is reached) for each
+        Keys: ``forecast/<group>`` (steps to shock, ``inf`` when none; 0 once predicted time is reached) for
+        each
         group and ``trajectory``; ``viscosity/<group>`` (``nu`` in the tracker's time units, ``nan`` until
         estimated); ``state/<group>`` (0 pre, 1 imminent, 2 in-shock) for each group and ``trajectory``;
         ``burgers_consistency`` (slope of ``d(1/s)/dt`` on the trajectory, ``nan`` until enough data);
@@ -813,7 +924,8 @@ class BurgersTracker:
         if total - start > cap:
             dropped = total - start - cap
             warnings.warn(
-                f"BurgersTracker dropped {dropped} events: more than capacity={cap} between polls. Poll more often or "
+                f"BurgersTracker dropped {dropped} events: more than capacity={cap} between polls. "
+                "Poll more often or "
                 "raise `capacity`.",
                 stacklevel=2,
             )
@@ -825,14 +937,17 @@ class BurgersTracker:
             name = self._names[gi] if 0 <= gi < len(self._names) else str(gi)
             channel = "input" if kind == al.KIND_DIVERGENCE else (TRAJECTORY if gi == 0 else "particle")
             units = tuple(int(u) for u in row[al.ROW_FIXED :] if u >= 0)
-            events.append(ShockEvent(_KINDS[kind], name, channel, int(row[0]), float(row[3]), float(row[4]), units))
+            events.append(
+                ShockEvent(_KINDS[kind], name, channel, int(row[0]), float(row[3]), float(row[4]), units)
+            )
         self._read = total
         return events
 
     # ------------------------------------------------------------------ persistence
     def _config(self) -> dict[str, Any]:
         keys = (
-            "horizon window neighbors alpha rank quantile method time n_on n_off disarm_horizon cooldown warmup "
+            "horizon window neighbors alpha rank quantile method time n_on n_off disarm_horizon cooldown "
+            "warmup "
             "shock_updates riccati_window trajectory_window max_particles knn_every units capacity seed"
         ).split()
         return {k: getattr(self, k) for k in keys}
@@ -859,7 +974,9 @@ class BurgersTracker:
         """Restore from :meth:`state_dict` (tensors are moved to the device they were saved from, or kept)."""
         version = d.get("version")
         if version != self.VERSION:
-            raise ValueError(f"Expected a BurgersTracker state_dict of version {self.VERSION}, but got {version!r}")
+            raise ValueError(
+                f"Expected a BurgersTracker state_dict of version {self.VERSION}, but got {version!r}"
+            )
         cfg = d["config"]
         if cfg != self._config():
             self.__init__(**cfg)  # type: ignore[misc]
@@ -876,7 +993,11 @@ class BurgersTracker:
         self._hist_count = list(d["hist_count"])
         self._last_step = d["last_step"]
         traj = d["traj"]
-        self._traj = None if traj is None else {k: (v.clone() if isinstance(v, Tensor) else copy.copy(v)) for k, v in traj.items()}
+        self._traj = (
+            None
+            if traj is None
+            else {k: (v.clone() if isinstance(v, Tensor) else copy.copy(v)) for k, v in traj.items()}
+        )
         self._g = {k: v.clone() for k, v in d["g"].items()}
         self._read = int(d["read"])
         self._t_host = d["t_host"]

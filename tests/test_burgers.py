@@ -53,7 +53,9 @@ def test_burgers_characteristics_carry_velocity_and_riccati_gradient():
     assert torch.allclose(u, sine(x0), atol=1e-12)
     # u_x along a characteristic follows the Riccati law: u0'/(1 + t u0')
     h = 1e-6
-    ux = (inviscid_solution(x + h, t, sine, -4.0, 4.0) - inviscid_solution(x - h, t, sine, -4.0, 4.0)) / (2 * h)
+    ux = (inviscid_solution(x + h, t, sine, -4.0, 4.0) - inviscid_solution(x - h, t, sine, -4.0, 4.0)) / (
+        2 * h
+    )
     du0 = -torch.cos(x0)
     assert torch.allclose(ux, du0 / (1 + t * du0), atol=1e-6)
 
@@ -62,13 +64,21 @@ def test_burgers_hopf_cole_keeps_the_steady_viscous_shock():
     nu, U = 0.05, 1.0
     x = torch.linspace(-0.5, 0.5, 41, dtype=torch.float64)
     for t in (0.3, 2.0):
-        u, ux = hopf_cole(x, t, nu, lambda y: viscous_shock(y, U, nu), lambda y: -2 * nu * torch.log(torch.cosh(y / (2 * nu))))
+        u, ux = hopf_cole(
+            x,
+            t,
+            nu,
+            lambda y: viscous_shock(y, U, nu),
+            lambda y: -2 * nu * torch.log(torch.cosh(y / (2 * nu))),
+        )
         assert torch.allclose(u, viscous_shock(x, U, nu), atol=1e-9)
         exact_ux = -(U**2) / (2 * nu) / torch.cosh(U * x / (2 * nu)) ** 2
         assert torch.allclose(ux, exact_ux, atol=1e-7)
 
 
-@pytest.mark.parametrize(("ul", "ur"), [(1.0, -1.0), (0.5, -1.0), (-1.0, 1.0)], ids=["shock", "moving", "rarefaction"])
+@pytest.mark.parametrize(
+    ("ul", "ur"), [(1.0, -1.0), (0.5, -1.0), (-1.0, 1.0)], ids=["shock", "moving", "rarefaction"]
+)
 def test_burgers_hopf_cole_matches_closed_form_riemann_step(ul, ur):
     nu, t = 0.02, 0.5
     x = torch.linspace(-1, 1, 81, dtype=torch.float64)

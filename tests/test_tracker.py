@@ -1,6 +1,7 @@
-"""BurgersTracker on exact Burgers flows: forecasts, shocks, viscosity, the trajectory view, persistence, no sync.
+"""BurgersTracker on exact Burgers flows: forecasts, shocks, viscosity, trajectory view, persistence, no sync.
 
-Thresholds are the issue's. Seeds used to choose the tracker's defaults were 0-8; the seeds here (11, 12) were not
+Thresholds are the issue's. Seeds used to choose the tracker's defaults were 0-8; the seeds here (11, 12) were
+not
 looked at while choosing them.
 """
 
@@ -31,7 +32,13 @@ INITIAL = {
 
 
 def inviscid_stream(
-    u0: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float, n: int, noise: float, seed: int, steps: int
+    u0: Callable[[torch.Tensor], torch.Tensor],
+    lo: float,
+    hi: float,
+    n: int,
+    noise: float,
+    seed: int,
+    steps: int,
 ) -> Iterator[torch.Tensor]:
     """Particles on the straight characteristics x0 + t u0(x0), plus independent position noise each step."""
     g = torch.Generator().manual_seed(seed)
@@ -53,7 +60,8 @@ def first(events, kind: EventKind) -> int | None:
     return steps[0] if steps else None
 
 
-# ---------------------------------------------------------------------------------------------------- inviscid
+# ----------------------------------------------------------------------------------------------------
+# inviscid
 @pytest.mark.parametrize("noise", [0.0, 1e-3], ids=["exact", "noisy"])
 @pytest.mark.parametrize("ic", list(INITIAL))
 def test_tracker_inviscid_forecast_and_shock(ic, noise):
@@ -107,7 +115,11 @@ def advect(nu: float, n: int, steps: int, diffusion: float = 0.0, seed: int = 0)
     for k in range(steps):
         t = k * DT
         if diffusion:
-            x = x + DT * field(x, t) + math.sqrt(2 * diffusion * DT) * torch.randn(n, generator=g, dtype=x.dtype)
+            x = (
+                x
+                + DT * field(x, t)
+                + math.sqrt(2 * diffusion * DT) * torch.randn(n, generator=g, dtype=x.dtype)
+            )
         else:
             k1 = field(x, t)
             k2 = field(x + 0.5 * DT * k1, t + 0.5 * DT)
@@ -121,7 +133,7 @@ def advect(nu: float, n: int, steps: int, diffusion: float = 0.0, seed: int = 0)
 @pytest.mark.slow
 @pytest.mark.parametrize("nu", [0.05, 0.01])
 def test_tracker_viscous_shock_timing(nu):
-    """Formation time t_f: the exact gradient at the shock reaches half the steady slope -U^2/(4 nu), U = 1."""
+    """Formation time t_f: the exact gradient at the shock reaches half the steady slope -U^2/(4 nu)."""
     t_f = formation_time(_sine, nu, -1.0 / (4 * nu), potential=torch.cos, tol=1e-4)
     paths = advect(nu, 1024, int(1.6 * t_f / DT)).float()
     tracker = BurgersTracker(horizon=200)
@@ -153,11 +165,12 @@ def test_tracker_viscosity_estimate_from_brownian_particles(nu, diffusion):
     assert all(0.5 <= r <= 2.0 for r in ratios), (min(ratios), max(ratios))
 
 
-# ---------------------------------------------------------------------------------------------------- trajectory
+# ----------------------------------------------------------------------------------------------------
+# trajectory
 @pytest.mark.parametrize("noise", [0.0, 1e-4], ids=["exact", "noisy"])
 @pytest.mark.parametrize("s0", [-0.01, -0.005])
 def test_tracker_trajectory_riccati_forecast_and_consistency(s0, noise):
-    """q(t) with s(t) = <v, dv/dt>/|v|^2 = s0/(1 + s0 t) exactly (speed decaying linearly), plus observation noise."""
+    """q(t) with s = <v, dv/dt>/|v|^2 = s0/(1 + s0 t) exactly (speed decaying linearly), plus noise."""
     t_star = -1.0 / s0
     P, v0 = 8, 0.05
     for seed in SEEDS if noise else SEEDS[:1]:
@@ -229,7 +242,9 @@ def test_tracker_learning_rate_time_converts_forecasts_to_steps():
         b.update(k, {"layer": x}, lr=torch.tensor(0.5) if k % 2 else 0.5)
     assert float(b.forecast()["layer"]) == pytest.approx(float(a.forecast()["layer"]), rel=1e-4)
     # the viscosity is per unit of learning-rate time: twice the per-step one here
-    assert float(b.summary()["viscosity/layer"]) == pytest.approx(2 * float(a.summary()["viscosity/layer"]), abs=1e-9)
+    assert float(b.summary()["viscosity/layer"]) == pytest.approx(
+        2 * float(a.summary()["viscosity/layer"]), abs=1e-9
+    )
 
 
 def test_tracker_groups_of_several_shapes_dtypes_and_dimensions():
@@ -268,7 +283,9 @@ def test_tracker_state_is_fixed_size():
         tracker.update(k, {"layer": x}, trajectory=x[:3])
         if k in (50, 399):
             sd = tracker.state_dict()
-            tensors = [v for v in sd["g"].values()] + [t for b in sd["buckets"] for t in b.values() if torch.is_tensor(t)]
+            tensors = [v for v in sd["g"].values()] + [
+                t for b in sd["buckets"] for t in b.values() if torch.is_tensor(t)
+            ]
             tensors += [v for v in sd["traj"].values() if torch.is_tensor(v)]
             sizes.append(sum(t.numel() for t in tensors))
     assert sizes[0] == sizes[1]
@@ -285,7 +302,8 @@ def test_tracker_poll_overflow_warns_with_count():
     assert [e.step for e in events] == sorted(e.step for e in events)
 
 
-# ---------------------------------------------------------------------------------------------------- persistence
+# ----------------------------------------------------------------------------------------------------
+# persistence
 def _mixed_inputs(n_steps: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     u0, (lo, hi) = INITIAL["sine"]
     g = torch.Generator().manual_seed(SEEDS[0])
@@ -345,7 +363,8 @@ def test_tracker_reset_forgets_everything():
     tracker.update(0, {"a": torch.randn(64)})  # steps start over
 
 
-# ---------------------------------------------------------------------------------------------------- no host sync
+# ---------------------------------------------------------------------------------------------------- no host
+# sync
 def _forbid_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args, **kwargs):
         raise AssertionError("host synchronisation in the per-step path")

@@ -1,7 +1,8 @@
 """Flows without a shock must stay silent: zero events over 10^4 steps.
 
 Rarefaction (u0 = tanh x), uniform translation, independent random walks, Ornstein--Uhlenbeck particles (a
-stationary contraction: gradient flow into a minimum, whose characteristics converge but never cross) and a constant
+stationary contraction: gradient flow into a minimum, whose characteristics converge but never cross) and a
+constant
 trajectory. Each control is a group of one tracker, so they also run batched, as in training.
 """
 

@@ -30,7 +30,10 @@ torch.set_num_threads(1)
         ({"time": "epoch"}, r"`time` to be one of \('step', 'lr'\), but got 'epoch'"),
         ({"n_on": 0}, r"`n_on` to be an integer >= 1, but got 0"),
         ({"n_off": 0}, r"`n_off` to be an integer >= 1, but got 0"),
-        ({"horizon": 100, "disarm_horizon": 50}, r"`disarm_horizon` to be >= `horizon` \(100.0\), but got 50"),
+        (
+            {"horizon": 100, "disarm_horizon": 50},
+            r"`disarm_horizon` to be >= `horizon` \(100.0\), but got 50",
+        ),
         ({"cooldown": -1}, r"`cooldown` to be an integer >= 0, but got -1"),
         ({"warmup": -5}, r"`warmup` to be an integer >= 0, but got -5"),
         ({"shock_updates": 0}, r"`shock_updates` to be an integer >= 1, but got 0"),
@@ -59,19 +62,59 @@ def test_tracker_defaults_are_valid():
     [
         (lambda t: t.update(1.0, {"a": torch.zeros(4)}), TypeError, r"`step` to be an int, but got float"),
         (lambda t: t.update(True, {"a": torch.zeros(4)}), TypeError, r"`step` to be an int, but got bool"),
-        (lambda t: t.update(0, [torch.zeros(4)]), TypeError, r"`groups` to be a mapping name -> Tensor, but got list"),
+        (
+            lambda t: t.update(0, [torch.zeros(4)]),
+            TypeError,
+            r"`groups` to be a mapping name -> Tensor, but got list",
+        ),
         (lambda t: t.update(0, {"a": [1.0, 2.0]}), TypeError, r"group 'a' to be a Tensor, but got list"),
-        (lambda t: t.update(0, {"a": torch.zeros(4, 2, 2)}), ValueError, r"group 'a' to have shape \(n,\) or \(n, D\), but got \(4, 2, 2\)"),
-        (lambda t: t.update(0, {"a": torch.zeros(0)}), ValueError, r"group 'a' to have shape .* but got \(0,\)"),
+        (
+            lambda t: t.update(0, {"a": torch.zeros(4, 2, 2)}),
+            ValueError,
+            r"group 'a' to have shape \(n,\) or \(n, D\), but got \(4, 2, 2\)",
+        ),
+        (
+            lambda t: t.update(0, {"a": torch.zeros(0)}),
+            ValueError,
+            r"group 'a' to have shape .* but got \(0,\)",
+        ),
         (lambda t: t.update(0, {"a": torch.zeros(4, 0)}), ValueError, r"but got \(4, 0\)"),
-        (lambda t: t.update(0, {"a": torch.zeros(4, dtype=torch.complex64)}), TypeError, r"real tensor, but got dtype torch.complex64"),
-        (lambda t: t.update(0, {"a": torch.zeros(4, dtype=torch.bool)}), TypeError, r"real tensor, but got dtype torch.bool"),
-        (lambda t: t.update(0, {"trajectory": torch.zeros(4)}), ValueError, r"other than 'trajectory', got 'trajectory'"),
+        (
+            lambda t: t.update(0, {"a": torch.zeros(4, dtype=torch.complex64)}),
+            TypeError,
+            r"real tensor, but got dtype torch.complex64",
+        ),
+        (
+            lambda t: t.update(0, {"a": torch.zeros(4, dtype=torch.bool)}),
+            TypeError,
+            r"real tensor, but got dtype torch.bool",
+        ),
+        (
+            lambda t: t.update(0, {"trajectory": torch.zeros(4)}),
+            ValueError,
+            r"other than 'trajectory', got 'trajectory'",
+        ),
         (lambda t: t.update(0, {"": torch.zeros(4)}), ValueError, r"non-empty strings"),
-        (lambda t: t.update(0, {}, trajectory=torch.zeros(2, 2)), ValueError, r"`trajectory` to be a non-empty 1-D tensor, but got \(2, 2\)"),
-        (lambda t: t.update(0, {}, trajectory=[1.0]), TypeError, r"`trajectory` to be a Tensor or None, but got list"),
-        (lambda t: t.update(0, {"a": torch.zeros(4)}, lr="0.1"), TypeError, r"`lr` to be a float, a 0-d Tensor or None, but got str"),
-        (lambda t: t.update(0, {"a": torch.zeros(4)}, lr=torch.ones(2)), ValueError, r"`lr` to be a scalar, but got shape \(2,\)"),
+        (
+            lambda t: t.update(0, {}, trajectory=torch.zeros(2, 2)),
+            ValueError,
+            r"`trajectory` to be a non-empty 1-D tensor, but got \(2, 2\)",
+        ),
+        (
+            lambda t: t.update(0, {}, trajectory=[1.0]),
+            TypeError,
+            r"`trajectory` to be a Tensor or None, but got list",
+        ),
+        (
+            lambda t: t.update(0, {"a": torch.zeros(4)}, lr="0.1"),
+            TypeError,
+            r"`lr` to be a float, a 0-d Tensor or None, but got str",
+        ),
+        (
+            lambda t: t.update(0, {"a": torch.zeros(4)}, lr=torch.ones(2)),
+            ValueError,
+            r"`lr` to be a scalar, but got shape \(2,\)",
+        ),
         (lambda t: t.update(0, {}), ValueError, r"at least one group or a trajectory on the first update"),
     ],
     ids=lambda v: "",
@@ -117,7 +160,9 @@ def test_tracker_group_changing_size_warns_once_and_restarts():
     for k in range(60):
         t.update(k, {"a": xs[k], "b": xs[k]})
     assert math.isfinite(float(t.forecast()["a"]))
-    with pytest.warns(UserWarning, match=r"Group 'a' changed size from 128x1 to 96x1 particles; its history restarts"):
+    with pytest.warns(
+        UserWarning, match=r"Group 'a' changed size from 128x1 to 96x1 particles; its history restarts"
+    ):
         t.update(60, {"a": xs[60][:96], "b": xs[60]})
     assert math.isinf(float(t.forecast()["a"]))  # history restarted...
     assert math.isfinite(float(t.forecast()["b"]))  # ...for that group only
@@ -155,7 +200,9 @@ def test_tracker_non_finite_input_is_a_divergence_event_and_does_not_poison():
             y[100] = math.inf
         if k == 70:  # the whole group, once
             y[:] = -math.inf
-        dirty.update(k, {"a": y}, trajectory=torch.tensor([math.nan, 1.0]) if k == 50 else torch.tensor([0.0, 1.0]))
+        dirty.update(
+            k, {"a": y}, trajectory=torch.tensor([math.nan, 1.0]) if k == 50 else torch.tensor([0.0, 1.0])
+        )
     events = dirty.poll()
     div = [e for e in events if e.kind is EventKind.DIVERGENCE]
     assert [(e.group, e.step) for e in div] == [("a", 30), ("trajectory", 50), ("a", 70)]  # rising edges only
@@ -166,7 +213,9 @@ def test_tracker_non_finite_input_is_a_divergence_event_and_does_not_poison():
     shocks = [e.step for e in events if e.kind is EventKind.SHOCK and e.group == "a"]
     ref = [e.step for e in clean.poll() if e.kind is EventKind.SHOCK]
     assert shocks and abs(shocks[0] - ref[0]) <= 2
-    assert all(math.isfinite(float(v)) or math.isinf(float(v)) for v in dirty.summary().values() if not v.isnan())
+    assert all(
+        math.isfinite(float(v)) or math.isinf(float(v)) for v in dirty.summary().values() if not v.isnan()
+    )
 
 
 def test_tracker_all_non_finite_from_the_start_does_not_crash():
@@ -174,5 +223,8 @@ def test_tracker_all_non_finite_from_the_start_does_not_crash():
     for k in range(30):
         t.update(k, {"a": torch.full((32, 2), math.nan)}, trajectory=torch.full((3,), math.inf))
     events = t.poll()
-    assert {(e.group, e.kind) for e in events} == {("a", EventKind.DIVERGENCE), ("trajectory", EventKind.DIVERGENCE)}
+    assert {(e.group, e.kind) for e in events} == {
+        ("a", EventKind.DIVERGENCE),
+        ("trajectory", EventKind.DIVERGENCE),
+    }
     assert len(events) == 2
