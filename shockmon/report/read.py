@@ -32,8 +32,8 @@ from shockmon.callbacks import snapshots
 from shockmon.events import EventKind, ShockEvent
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
-#: tags that mark a prefix as a ShockMonitor's (scalars)
-_MARKERS = ("/burgers_consistency", "/steps_to_shock", "/alerts")
+#: scalar tags that mark a prefix as a ShockMonitor's (beside its alert_text and symmetry_report texts)
+_MARKERS = ("/burgers_consistency", "/steps_to_shock")
 #: quotient observables that are not norms (ratios, gradients): left out of the quotient-vs-raw plot
 _NOT_NORMS = ("grad_norm", "participation", "coherence", "effective_rank")
 
