@@ -225,6 +225,7 @@ class ShockMonitor(Callback):
         self._pending_grads: dict[str, Tensor] = {}
         self._values: dict[str, Tensor] | None = None  # the latest observation's values (device tensors)
         self._values_step = -1
+        self._values_spectra = False  # whether the latest observation has the attention spectra
         self._last_read_step = -1
         self._last_hist_step = -1
         self._layout_written = False
@@ -431,12 +432,18 @@ class ShockMonitor(Callback):
         if step % self.every_n_steps != 0:
             self._pending_grads = {}
             return
-        self._observe(trainer, step)
-        if self._log_every > 0 and step % self._log_every == 0:
+        log_step = self._log_every > 0 and step % self._log_every == 0
+        self._observe(trainer, step, spectra=log_step)
+        if log_step:
             self._read(trainer, pl_module, step, in_loop=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._observer is not None and self._values_step > self._last_read_step:
+            last = self._values_step == trainer.global_step  # the parameters have not moved since
+            if not self._values_spectra and self._values is not None and last:
+                # the last observation skipped the spectra (not a log step): add them for this read
+                full = self._observer.compute(lr=self._lr(trainer), spectra=True)
+                self._values.update({k: v for k, v in full.items() if k not in self._values})
             self._read(trainer, pl_module, self._values_step, in_loop=False)
         if trainer.is_global_zero:
             self._log_characteristics(trainer)
@@ -456,11 +463,13 @@ class ShockMonitor(Callback):
                 return float(lr) if isinstance(lr, (int, float)) else None  # a tensor lr would need a sync
         return None
 
-    def _observe(self, trainer: pl.Trainer, step: int) -> None:
-        """The per-step path: device tensors only, no host sync."""
+    def _observe(self, trainer: pl.Trainer, step: int, spectra: bool = True) -> None:
+        """The per-step path: device tensors only, no host sync. ``spectra``: also the attention singular
+        values (small eigenproblems), which only a read needs: log steps pass True, the others False."""
         assert self._observer is not None and self._tracker is not None
         lr = self._lr(trainer)
-        values = self._observer.compute(lr=lr)
+        values = self._observer.compute(lr=lr, spectra=spectra)
+        self._values_spectra = spectra
         trajectory = self._observer.trajectory(values)
         values.update(self._pending_grads)
         self._pending_grads = {}
