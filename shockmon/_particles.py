@@ -1,7 +1,7 @@
 """Particle view of the tracker: pure tensor functions, batched over the ``B`` groups of a bucket.
 
 A bucket holds groups of identical shape ``(n, D)``; its history is a ring of the last ``L`` snapshots,
-``pos: (B, L, n, D)``, with times ``(L,)``. Every function here is vectorised over groups and particles,
+``pos: (L, B, n, D)``, with times ``(L,)``. Every function here is vectorised over groups and particles,
 performs no
 host synchronisation and allocates O(B * n * (L + K) * D) at most.
 
@@ -107,13 +107,13 @@ def window_weights_host(
 
 
 def fit_window(pos: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """Centre positions and least-squares velocities ``(B, n, D)`` of a ring ``pos: (B, L, n, D)``.
+    """Centre positions and least-squares velocities ``(B, n, D)`` of a ring ``pos: (L, B, n, D)``.
 
-    ``w``: ``(2, L)`` weights, the mean's then the slope's.
+    ``w``: ``(2, L)`` weights, the mean's then the slope's. One matrix product over all groups and particles.
     """
-    B, L, n, D = pos.shape
-    out = torch.matmul(w.to(pos.dtype), pos.reshape(B, L, n * D))  # (B, 2, n*D)
-    return out[:, 0].reshape(B, n, D), out[:, 1].reshape(B, n, D)
+    L, B, n, D = pos.shape
+    out = torch.mm(w.to(pos.dtype), pos.reshape(L, B * n * D))  # (2, B n D)
+    return out[0].view(B, n, D), out[1].view(B, n, D)
 
 
 def mad_var(r: Tensor) -> Tensor:
@@ -384,19 +384,29 @@ def pair_stats(fm: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 def local_rates_pairs(r2: Tensor, dot: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor]:
     """Pairwise strain rates over kNN pairs: ``dx.dv / |dx|^2 = -c/|dx|`` (``c`` the closing speed).
 
-    The time to close a pair is ``|dx|/c = -1/strain``; the most significantly closing pair of each particle
-    gives its
-    ``lambda`` (the strain along a pair direction ``e`` is ``e^T J e >= lambda_min(sym J)``), with standard
-    error
+    The time to close a pair is ``|dx|/c = -1/strain``; the most significantly closing pair of each particle gives its
+    ``lambda`` (the strain along a pair direction ``e`` is ``e^T J e >= lambda_min(sym J)``), with standard error
     ``sqrt(2) sd_v / |dx|``. Args: ``r2, dot`` ``(K, B, n)`` from :func:`pair_stats`; ``sd_v`` ``(B,)``.
     """
-    tiny = torch.finfo(r2.dtype).tiny
-    inv_r = torch.rsqrt(r2.clamp_min(tiny))
-    j = torch.min(dot * inv_r, dim=0, keepdim=True).indices  # z = strain/se is proportional to dot/|dx|
-    ir = inv_r.gather(0, j)[0]
-    strain = dot.gather(0, j)[0] * ir * ir
-    se = (math.sqrt(2.0) * sd_v[:, None]) * ir
-    return strain, se
+    inv_r = torch.rsqrt(r2.clamp_min(torch.finfo(r2.dtype).tiny))
+    return _rates_from(dot * inv_r, inv_r, sd_v)
+
+
+def _rates_from(zp: Tensor, inv_r: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor]:
+    # zp = dx.dv/|dx| = -c is proportional to the z-score strain/SE; the minimum over neighbours (dim 0) wins
+    m = torch.min(zp, dim=0, keepdim=True)
+    ir = inv_r.gather(0, m.indices)[0]
+    return m.values[0] * ir, (math.sqrt(2.0) * sd_v[:, None]) * ir
+
+
+def pairs_rates_and_collapse(
+    r2: Tensor, dot: Tensor, dt_now: Tensor, sd_v: Tensor, sd_m: Tensor, nu: Tensor, z: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`local_rates_pairs` and :func:`collapse_pairs` in one pass over ``(K, B, n)`` pair statistics."""
+    inv_r = torch.rsqrt(r2.clamp_min(torch.finfo(r2.dtype).tiny))
+    zp = dot * inv_r  # = -c
+    lam, se = _rates_from(zp, inv_r, sd_v)
+    return lam, se, _collapse(r2, dot, zp, inv_r, dt_now, sd_v, sd_m, nu, z, gdim=1)
 
 
 def collapse_pairs(
@@ -421,18 +431,30 @@ def collapse_pairs(
     """
     B = sd_v.shape[0]
     gdim = 1 if (r2.dim() == 3 and r2.shape[0] != B) else 0  # neighbour-major (K, B, n) or (B, ...)
+    inv_r = torch.rsqrt(r2.clamp_min(torch.finfo(r2.dtype).tiny))
+    return _collapse(r2, dot, dot * inv_r, inv_r, dt_now, sd_v, sd_m, nu, z, gdim)
+
+
+def _collapse(
+    r2: Tensor,
+    dot: Tensor,
+    zp: Tensor,
+    inv_r: Tensor,
+    dt_now: Tensor,
+    sd_v: Tensor,
+    sd_m: Tensor,
+    nu: Tensor,
+    z: float,
+    gdim: int,
+) -> Tensor:
+    B = sd_v.shape[0]
     shape = [1] * r2.dim()
     shape[gdim] = B
-
-    def per_group(t: Tensor) -> Tensor:
-        return t.reshape(shape)
-
-    inv_r = torch.rsqrt(r2.clamp_min(torch.finfo(r2.dtype).tiny))
-    c = -dot * inv_r
-    closing = c > per_group((z * math.sqrt(2.0)) * sd_v)
+    k = z * math.sqrt(2.0)
+    closing = zp < (-k * sd_v).reshape(shape)  # c = -zp > z sqrt(2) sd_v
     proj = (r2 + dt_now.to(r2.dtype) * dot) * inv_r
-    crossed = proj < per_group(-(z * math.sqrt(2.0)) * sd_m)
-    viscous = proj.abs() * c < per_group(2.0 * nu)
+    crossed = proj < (-k * sd_m).reshape(shape)
+    viscous = proj.abs() * zp > (-2.0 * nu).reshape(shape)  # |proj| c < 2 nu
     hit = closing & (crossed | viscous)
     dims = [d for d in range(hit.dim()) if d != gdim]
     return hit.any(dims[0]).any(dims[1] - 1) if len(dims) == 2 else hit.any(dims[0])

@@ -81,7 +81,7 @@ class _Bucket:
         self.names = list(names)
         self.n, self.D, self.dtype, self.device, self.L = n, D, dtype, device, L
         B = len(names)
-        self.pos = torch.zeros(B, L, n, D, dtype=dtype, device=device)
+        self.pos = torch.zeros(L, B, n, D, dtype=dtype, device=device)
         self.times = torch.zeros(L, dtype=torch.float64, device=device)
         self.times_host: list[float] | None = [0.0] * L  # mirror while every time is known on the host
         self.count = 0
@@ -101,7 +101,8 @@ class _Bucket:
         """A new bucket holding the members ``keep`` (copies)."""
         nb = _Bucket([self.names[j] for j in keep], self.n, self.D, self.dtype, self.device, self.L)
         idx = torch.tensor(keep, device=self.device)
-        for f in ("pos", "noise_d", "noise_m", "noise_dvar", "noise_pos", "xc", "v"):
+        nb.pos = self.pos.index_select(1, idx).clone()
+        for f in ("noise_d", "noise_m", "noise_dvar", "noise_pos", "xc", "v"):
             setattr(nb, f, getattr(self, f).index_select(0, idx).clone())
         nb.times = self.times.clone()
         nb.times_host = None if self.times_host is None else list(self.times_host)
@@ -662,12 +663,12 @@ class BurgersTracker:
         if b.count >= 2:
             guess = b.xc + b.v * (t_now - b.tc).to(b.dtype)
         elif b.count == 1:
-            guess = b.pos[:, 0]
+            guess = b.pos[0]
         else:
             guess = torch.zeros_like(x)
         x = torch.where(fin[..., None], x, guess)
         slot = b.count % L
-        b.pos[:, slot] = x
+        b.pos[slot] = x
         b.times[slot] = t_now
         th = self._t_host
         if b.times_host is not None and th is not None:
@@ -701,7 +702,7 @@ class BurgersTracker:
             ws_t, wm_t, tc, var_iid, var_walk = pt.window_weights(b.times, filled)
             w = torch.stack([wm_t[:filled], ws_t[:filled]])
             tn = [b.times[i] for i in range(L)]
-        xc, v = pt.fit_window(b.pos if filled == L else b.pos[:, :filled], w)
+        xc, v = pt.fit_window(b.pos if filled == L else b.pos[:filled], w)
         b.xc, b.v, b.tc = xc, v, tc
         # ---- noise: third differences of the newest snapshots (seven when the window allows), on a bounded
         # subset
@@ -715,7 +716,7 @@ class BurgersTracker:
         full = k_noise == min(7, L)
         if b.noise_count == 0 or not full or b.count % self._NOISE_EVERY == 0:
             slots = [(b.count - 1 - i) % L for i in range(k_noise)]
-            snaps = [b.pos[:, s_, ::stride].reshape(B, -1) for s_ in slots]
+            snaps = [b.pos[s_, :, ::stride].reshape(B, -1) for s_ in slots]
             d_inst, m_inst = pt.noise_update(snaps, [tn[s_] for s_ in slots])
             # a running mean, then an exponential one over 2 windows; estimates from fewer snapshots than the
             # full
@@ -771,12 +772,16 @@ class BurgersTracker:
                 ztests = n
             else:
                 r2, dot = pt.pair_stats(pt.feature_major(xc, v), b.knn)
-                lam, se = pt.local_rates_pairs(r2, dot, sdv)
                 ztests = n * k_eff
         z = pt.bonferroni_z(self.alpha, ztests)
+        if method == "pairs":
+            lam, se, coll = pt.pairs_rates_and_collapse(
+                r2, dot, dt_now, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z
+            )
+        else:
+            coll = pt.collapse_pairs(r2, dot, dt_now, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z)
         rank = min(self.rank, n)
         tau, strength, units, sd_tau = pt.reduce_group(lam, se, fin, z, rank, self.quantile, self.units)
-        coll = pt.collapse_pairs(r2, dot, dt_now, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z)
         tau = tau.double()
         return pack(
             tc + tau,

@@ -272,7 +272,7 @@ def test_tracker_large_group_is_subsampled_with_original_unit_indices():
     fc = [e for e in tracker.poll() if e.kind is EventKind.FORECAST]
     assert fc and abs(fc[0].predicted_step - 100) <= 3
     assert all(abs(u - 2047.5) < 100 for u in fc[0].units)  # indices among the 4096, near x0 = 0
-    assert tracker._buckets[0].pos.shape == (1, 16, 512, 1)  # state is O(max_particles x window)
+    assert tracker._buckets[0].pos.shape == (16, 1, 512, 1)  # state is O(window x max_particles)
 
 
 def test_tracker_state_is_fixed_size():
