@@ -1,0 +1,643 @@
+"""Overhead of monitoring, per training step: no callback, ``ShockMonitor`` and peer monitors, side by side.
+
+Every arm is a real ``Trainer.fit`` of its own copy of the same model (same initial weights, same batches),
+built once. The arms run in one process, each in its own thread, but never at the same time: a baton lets one
+arm run a chunk of ``chunk`` optimizer steps, then the next (A B C D E, B C D E A, ...: the order rotates each
+round), after a warm-up chunk each. So machine noise hits all arms alike, and no ``Trainer`` is rebuilt or
+restarted between chunks: every fit is one continuous run, its callbacks' state carried on.
+
+A step's time is the interval between consecutive ``on_train_batch_start`` calls of a timing callback that
+comes first in the callback list: it holds everything Lightning does per step (forward, backward, optimizer
+step, every callback and module hook, logging, fetching the next batch). A chunk is one log interval, so every
+chunk holds one log step. Reported per arm: the median step, the mean step (log steps included), the ratio of
+means to the no-callback arm with its min-max over the rounds' chunk pairs, the ratio of medians, the peak
+memory and the host reads in the arm's own hooks between log steps.
+
+Arms (the Trainer logs every ``log_every_n_steps=50`` steps, its default, to a TensorBoard logger):
+
+``none``
+    no callback.
+``shockmon``
+    ``ShockMonitor()``: defaults (observes every optimizer step, reads back and logs every 50 steps).
+``shockmon_all``
+    ``ShockMonitor`` with everything on: per-unit histograms at every log step, angular steps of norm-scaled
+    weights.
+``grad_norm``
+    Lightning's documented way to log gradient norms: ``self.log_dict(grad_norm(self, norm_type=2))`` in
+    ``on_before_optimizer_step``, every step.
+``spike``
+    Lightning's ``SpikeDetection`` callback (defaults).
+
+Memory: per arm, the peak growth over its warm-up chunk (fit setup, optimizer state, callback state, first
+steps) or over one more chunk after the timed rounds, whichever is larger: on CPU the peak resident set
+(``VmHWM``, reset through ``/proc/self/clear_refs`` after ``malloc_trim``; Linux only, else n/a), on CUDA
+``max_memory_allocated`` over ``memory_allocated`` at the start. Host reads: during that extra chunk, at steps
+that are not log steps, the arm's own per-step hooks run with ``Tensor.item``, ``tolist``, ``cpu``, ``numpy``,
+``__bool__``, ``__float__``, ``__int__`` and ``__index__`` counted (on CPU; each would be a sync on a GPU) or,
+on CUDA, under ``torch.cuda.set_sync_debug_mode("warn")`` with each warning counted. Step times on CUDA come
+from CUDA events.
+
+Models: a tiny MLP (784-256-256-10, batch 64, MNIST-sized random data), a CNN with BatchNorm (3 conv blocks on
+28x28 random images, batch 64), the GPT-like ``TinyGPT`` (6 layers, d=256, 8 heads, vocab 10k, batch 8x128)
+and, with ``--device cuda``, a GPT-2-small-sized one (12 layers, d=768, 12 heads, vocab 50257, batch 8x1024,
+bf16-mixed). AdamW, one CPU thread, ``torch.set_flush_denormal(True)``.
+
+Run: ``python -m benchmarks.overhead`` (``--quick``: tiny models, a few steps, to check the pipeline; it
+asserts nothing about speed; ``--models mlp,gpt``; ``--device cuda``). Writes
+``benchmarks/results/overhead.json`` (``overhead_cuda.json`` on CUDA; nothing for ``--quick`` unless ``--out``
+is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lightning.pytorch.callbacks import Callback, SpikeDetection  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from lightning.pytorch.utilities import grad_norm  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
+
+from benchmarks.models import TinyGPT, n_params  # noqa: E402
+from shockmon import ShockMonitor  # noqa: E402
+
+ARMS = ("none", "shockmon", "shockmon_all", "grad_norm", "spike")
+LOG_EVERY = 50  # the Trainer's default log_every_n_steps (4 with --quick)
+#: the per-step hooks whose host reads are counted (a callback's, or the module's for ``grad_norm``)
+STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+              "on_before_zero_grad", "on_train_batch_end")
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+# ---------------------------------------------------------------------------------------------- models
+@dataclass
+class Case:
+    """A model to benchmark: a network factory and a pool of batches it cycles through."""
+
+    name: str
+    describe: str
+    net: Callable[[], nn.Module]
+    batches: Callable[[torch.Generator], list[tuple[torch.Tensor, torch.Tensor]]]
+    precision: str = "32-true"
+
+
+def _mlp(width: int = 256) -> nn.Module:
+    return nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, 10))
+
+
+def _cnn(c: int = 32) -> nn.Module:
+    def block(i: int, o: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(i, o, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+
+    return nn.Sequential(*block(1, c, 1), *block(c, 2 * c, 2), *block(2 * c, 2 * c, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * c, 10))
+
+
+def _images(n: int, shape: tuple[int, ...], classes: int, batch: int) -> Callable[[torch.Generator], list]:
+    def make(g: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.randn(batch, *shape, generator=g), torch.randint(0, classes, (batch,), generator=g))
+                for _ in range(n)]
+
+    return make
+
+
+def _tokens(n: int, vocab: int, batch: int, ctx: int) -> Callable[[torch.Generator], list]:
+    def make(g: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for _ in range(n):
+            t = torch.randint(0, vocab, (batch, ctx + 1), generator=g)
+            out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
+        return out
+
+    return make
+
+
+def cases(quick: bool, device: str) -> dict[str, Case]:
+    if quick:
+        return {
+            "mlp": Case("mlp", "MLP 784-32-32-10, batch 16", lambda: _mlp(32), _images(4, (784,), 10, 16)),
+            "cnn": Case("cnn", "CNN 3x(conv+BN+ReLU) c=4, 12x12, batch 8", lambda: _cnn(4),
+                        _images(4, (1, 12, 12), 10, 8)),
+            "gpt": Case("gpt", "GPT 2 layers d=32 4 heads vocab 200, batch 2x16",
+                        lambda: TinyGPT(vocab=200, d=32, heads=4, layers=2, ctx=16), _tokens(4, 200, 2, 16)),
+        }
+    out = {
+        "mlp": Case("mlp", "MLP 784-256-256-10, batch 64", _mlp, _images(16, (784,), 10, 64)),
+        "cnn": Case("cnn", "CNN 3x(conv+BN+ReLU) 32-64-64, 28x28, batch 64", _cnn,
+                    _images(16, (1, 28, 28), 10, 64)),
+        "gpt": Case("gpt", "TinyGPT 6 layers d=256 8 heads vocab 10k, batch 8x128", TinyGPT,
+                    _tokens(16, 10_000, 8, 128)),
+    }
+    if device == "cuda":
+        out["gpt2"] = Case("gpt2", "GPT-2-small size: 12 layers d=768 12 heads vocab 50k, batch 8x1024, bf16",
+                           lambda: TinyGPT(vocab=50257, d=768, heads=12, layers=12, ctx=1024),
+                           _tokens(8, 50257, 8, 1024), precision="bf16-mixed")
+    return out
+
+
+class _Cycle(IterableDataset):
+    """An endless stream of ready-made batches (no sampling cost in the step)."""
+
+    def __init__(self, pool: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.pool = pool
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from self.pool
+
+
+class BenchModule(pl.LightningModule):
+    """Cross-entropy training of ``net`` with AdamW; ``log_grad_norm``: log Lightning's ``grad_norm`` every
+    step."""
+
+    def __init__(self, net: nn.Module, pool: list[tuple[torch.Tensor, torch.Tensor]],
+                 log_grad_norm: bool = False) -> None:
+        super().__init__()
+        self.net = net
+        self.pool = pool
+        self.log_grad_norm = log_grad_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self.net(x)
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.log_grad_norm:  # as in Lightning's docs (lightning.pytorch.utilities.grad_norm)
+            self.log_dict(grad_norm(self, norm_type=2))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Cycle(self.pool), batch_size=None)
+
+
+def arm_callbacks(arm: str, log_every: int) -> list[Callback]:
+    if arm == "shockmon":
+        return [ShockMonitor()]
+    if arm == "shockmon_all":
+        return [ShockMonitor(histogram_every_n_steps=log_every, observer_kwargs={"angular_step": True})]
+    if arm == "spike":
+        return [SpikeDetection()]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+class _Memory:
+    """Peak memory growth over a span: CUDA allocator statistics, or the resident set on Linux."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+        self._libc: Any = None
+        proc = sys.platform.startswith("linux") and os.access("/proc/self/clear_refs", os.W_OK)
+        self.available = self.cuda or proc
+        if self.available and not self.cuda:
+            try:
+                self._libc = ctypes.CDLL("libc.so.6")
+            except OSError:
+                self._libc = None
+        self._base = 0
+
+    @staticmethod
+    def _status_kb(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"no {field} in /proc/self/status")
+
+    def start(self) -> None:
+        if not self.available:
+            return
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        if self._libc is not None:
+            self._libc.malloc_trim(0)  # hand freed memory back, so what this span reuses counts again
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set (VmHWM) to the current one
+        self._base = self._status_kb("VmRSS") * 1024
+
+    def stop(self) -> float | None:
+        """Peak growth since :meth:`start`, in MiB (None when not measurable here)."""
+        if not self.available:
+            return None
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = self._status_kb("VmHWM") * 1024
+        return max(peak - self._base, 0) / 2**20
+
+
+class _HostReads:
+    """Counts host reads inside wrapped hooks at non-log steps (see the module docstring)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+        self.count = 0
+        self.steps: set[int] = set()
+
+    def guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if self.cuda:
+            return self._guard_cuda(fn)
+        return self._guard_cpu(fn)
+
+    def _guard_cpu(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(name: str) -> Callable[..., Any]:
+            orig = getattr(torch.Tensor, name)
+
+            def wrapper(t: torch.Tensor, *a: Any, **k: Any) -> Any:
+                self.count += 1
+                return orig(t, *a, **k)
+
+            return wrapper
+
+        def call(*a: Any, **k: Any) -> Any:
+            saved = {n: getattr(torch.Tensor, n) for n in HOST_READS}
+            try:
+                for n in HOST_READS:
+                    setattr(torch.Tensor, n, counted(n))
+                return fn(*a, **k)
+            finally:
+                for n, f in saved.items():
+                    setattr(torch.Tensor, n, f)
+
+        return call
+
+    def _guard_cuda(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*a: Any, **k: Any) -> Any:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    return fn(*a, **k)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+                    self.count += sum("synchroniz" in str(w.message).lower() for w in caught)
+
+        return call
+
+
+def _own_hooks(arm: str, trainer: pl.Trainer, module: pl.LightningModule) -> list[tuple[Any, str]]:
+    """``(object, hook name)``: the per-step hooks an arm adds (its callbacks' overrides, or the module's)."""
+    if arm == "grad_norm":
+        return [(module, "on_before_optimizer_step")]
+    out = []
+    for cb in arm_callbacks_of(trainer):
+        for name in STEP_HOOKS:
+            if getattr(type(cb), name) is not getattr(Callback, name):
+                out.append((cb, name))
+    return out
+
+
+def arm_callbacks_of(trainer: pl.Trainer) -> list[Callback]:
+    return [cb for cb in trainer.callbacks if isinstance(cb, (ShockMonitor, SpikeDetection))]
+
+
+class _Baton:
+    """Lets exactly one thread run: ``main`` hands the turn to an arm and waits until it is handed back."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._turn = "main"
+        self.abort = False
+
+    def hand(self, to: str) -> None:
+        with self._cv:
+            self._turn = to
+            self._cv.notify_all()
+            self._cv.wait_for(lambda: self._turn == "main")
+
+    def back(self, me: str) -> None:
+        with self._cv:
+            self._turn = "main"
+            self._cv.notify_all()
+            self.wait(me)
+
+    def wait(self, me: str) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._turn == me or self.abort)
+        if self.abort:
+            raise RuntimeError("benchmark aborted")
+
+    def done(self) -> None:
+        with self._cv:
+            self._turn = "main"
+            self._cv.notify_all()
+
+
+class _Arm(Callback):
+    """One arm: its Trainer and module, run in a thread; also the timing callback (first in the list)."""
+
+    def __init__(self, arm: str, case: Case, template: dict[str, torch.Tensor], pool: list, root: str,
+                 baton: _Baton, device: str, log_every: int, warmup: int, chunk: int, chunks: int) -> None:
+        super().__init__()
+        self.arm, self.baton, self.device, self.log_every = arm, baton, device, log_every
+        self.warmup, self.chunk, self.chunks = warmup, chunk, chunks
+        net = case.net()
+        net.load_state_dict(template)
+        self.module = BenchModule(net, pool, log_grad_norm=arm == "grad_norm")
+        self.trainer = pl.Trainer(
+            callbacks=[self, *arm_callbacks(arm, log_every)],
+            accelerator="gpu" if device == "cuda" else "cpu",
+            devices=1,
+            precision=case.precision,
+            max_steps=warmup + chunks * chunk + 1,  # the last step only closes the last chunk
+            max_epochs=-1,
+            log_every_n_steps=log_every,
+            logger=TensorBoardLogger(root, name=f"{case.name}-{arm}"),
+            default_root_dir=root,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        self.chunk_times: list[list[float]] = []  # per finished chunk, its steps' seconds
+        self.memory = _Memory(device)
+        self.mem_mib: list[float] = []
+        self.reads = _HostReads(device)
+        self.error: BaseException | None = None
+        self._index = -1  # the chunk running (-1: warm-up)
+        self._marks: list[Any] = []
+        self._instrumented = False
+        self._saved_hooks: list[tuple[Any, str, Any]] = []
+        self.thread = threading.Thread(target=self._run, name=f"arm-{arm}", daemon=True)
+
+    # -- the thread
+    def _run(self) -> None:
+        torch.set_num_threads(1)
+        try:
+            self.baton.wait(self.arm)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.trainer.fit(self.module)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+        finally:
+            self.baton.done()
+
+    # -- timing
+    def _mark(self) -> Any:
+        if self.device == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _close_chunk(self) -> None:
+        marks = self._marks
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            secs = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+        else:
+            secs = [b - a for a, b in zip(marks, marks[1:])]
+        if self._instrumented:
+            self._uninstrument()
+            self.mem_mib.append(_mib(self.memory.stop()))
+        else:
+            self.chunk_times.append(secs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        step = trainer.global_step
+        if step < self.warmup or (step - self.warmup) % self.chunk:
+            if self._index >= 0:
+                self._marks.append(self._mark())
+            return
+        if self._index >= 0:
+            self._marks.append(self._mark())
+            self._close_chunk()
+        self.baton.back(self.arm)  # the next chunk, or the last step, when the main thread says so
+        self._index = (step - self.warmup) // self.chunk
+        if self._index >= self.chunks:
+            return
+        self._instrumented = self._index == self.chunks - 1
+        if self._instrumented:
+            self.memory.start()
+            self._instrument(trainer)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self._marks = [self._mark()]
+
+    # -- host reads, on the instrumented chunk
+    def _instrument(self, trainer: pl.Trainer) -> None:
+        for obj, name in _own_hooks(self.arm, trainer, self.module):
+            original = getattr(obj, name)
+            guarded = self.reads.guard(original)
+            after = name == "on_train_batch_end"  # global_step already counts the step
+
+            def hook(*a: Any, _orig: Any = original, _guarded: Any = guarded, _after: bool = after,
+                     **k: Any) -> Any:
+                done = trainer.global_step + (0 if _after else 1)
+                if done % self.log_every == 0:
+                    return _orig(*a, **k)
+                self.reads.steps.add(done)
+                return _guarded(*a, **k)
+
+            self._saved_hooks.append((obj, name, obj.__dict__.get(name)))
+            setattr(obj, name, hook)  # Lightning calls the instance's attribute
+
+    def _uninstrument(self) -> None:
+        for obj, name, before in self._saved_hooks:
+            if before is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, before)
+        self._saved_hooks = []
+
+    # -- results
+    def steps(self) -> list[float]:
+        return [s for c in self.chunk_times for s in c]
+
+
+def _run_case(case: Case, device: str, log_every: int, warmup: int, chunk: int, rounds: int, seed: int
+              ) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    template = {k: v.clone() for k, v in case.net().state_dict().items()}
+    pool = case.batches(torch.Generator().manual_seed(seed))
+    if device == "cuda":
+        pool = [(x.cuda(), y.cuda()) for x, y in pool]
+    baton = _Baton()
+    chunks = rounds + 1  # the last chunk is instrumented (memory, host reads) and not timed
+    with tempfile.TemporaryDirectory() as root:
+        _prime(case, template, pool, root, device, log_every)
+        arms = {a: _Arm(a, case, template, pool, root, baton, device, log_every, warmup, chunk, chunks)
+                for a in ARMS}
+        try:
+            for a in arms.values():
+                a.thread.start()
+            for a in arms.values():  # warm-up, one arm after the other, memory measured over it
+                a.memory.start()
+                baton.hand(a.arm)
+                a.mem_mib.append(_mib(a.memory.stop()))
+                _check(a)
+            order = list(ARMS)
+            for r in range(chunks):
+                for name in order[r % len(order):] + order[: r % len(order)]:
+                    baton.hand(name)
+                    _check(arms[name])
+            for a in arms.values():  # the closing step and the end of fit
+                baton.hand(a.arm)
+                a.thread.join()
+                _check(a)
+        finally:
+            baton.abort = True
+            baton.done()
+        return _summarise(case, arms, chunk, rounds)
+
+
+def _prime(case: Case, template: dict[str, torch.Tensor], pool: list, root: str, device: str,
+           log_every: int) -> None:
+    """A few steps with every arm's code at once, so that one-time costs (lazy imports, kernel and logger
+    setup) fall on no arm's memory figure."""
+    net = case.net()
+    net.load_state_dict(template)
+    callbacks = [*arm_callbacks("shockmon_all", log_every), *arm_callbacks("spike", log_every)]
+    trainer = pl.Trainer(callbacks=callbacks, accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+                         precision=case.precision, max_steps=log_every + 1, log_every_n_steps=log_every,
+                         logger=TensorBoardLogger(root, name=f"{case.name}-prime"), default_root_dir=root,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(BenchModule(net, pool, log_grad_norm=True))
+
+
+def _mib(x: float | None) -> float:
+    return math.nan if x is None else x
+
+
+def _check(a: _Arm) -> None:
+    if a.error is not None:
+        raise RuntimeError(f"arm {a.arm!r} failed: {a.error!r}") from a.error
+
+
+def _summarise(case: Case, arms: dict[str, _Arm], chunk: int, rounds: int) -> dict[str, Any]:
+    base = arms["none"]
+    base_means = [statistics.fmean(c) for c in base.chunk_times]
+    base_mem = max(base.mem_mib)
+    out: dict[str, Any] = {"model": case.name, "describe": case.describe, "params": n_params(base.module.net),
+                           "arms": {}}
+    for name, a in arms.items():
+        steps = a.steps()
+        means = [statistics.fmean(c) for c in a.chunk_times]
+        pair = [m / b for m, b in zip(means, base_means)]
+        mem = max(a.mem_mib)
+        n_read_steps = len(a.reads.steps)
+        out["arms"][name] = {
+            "step_ms_median": 1e3 * statistics.median(steps),
+            "step_ms_mean": 1e3 * statistics.fmean(steps),
+            "ratio_median": statistics.median(steps) / statistics.median(base.steps()),
+            "ratio_mean": statistics.fmean(steps) / statistics.fmean(base.steps()),
+            "ratio_chunk_min": min(pair),
+            "ratio_chunk_max": max(pair),
+            "peak_mib": mem,
+            "peak_mib_over_none": mem - base_mem,
+            "host_reads_per_step": a.reads.count / n_read_steps if n_read_steps else 0.0,
+            "steps_timed": len(steps),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- output
+def table(results: list[dict[str, Any]]) -> str:
+    head = (f"{'model':<6} {'arm':<13} {'median ms':>10} {'mean ms':>10} {'x none (mean)':>14} "
+            f"{'min-max':>13} {'x none (median)':>16} {'peak MiB':>9} {'+MiB':>7} {'reads/step':>10}")
+    lines = [head, "-" * len(head)]
+    for res in results:
+        for name, r in res["arms"].items():
+            lines.append(
+                f"{res['model']:<6} {name:<13} {r['step_ms_median']:>10.2f} {r['step_ms_mean']:>10.2f} "
+                f"{r['ratio_mean']:>14.3f} {r['ratio_chunk_min']:>6.3f}-{r['ratio_chunk_max']:<6.3f} "
+                f"{r['ratio_median']:>16.3f} {r['peak_mib']:>9.1f} {r['peak_mib_over_none']:>+7.1f} "
+                f"{r['host_reads_per_step']:>10.1f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny models, few steps: checks the pipeline only")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--models", default=None, help="comma-separated subset of mlp,cnn,gpt(,gpt2 on cuda)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed chunks per arm (default: by model)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON file (default: see above)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    if args.rounds is not None and args.rounds < 1:
+        raise SystemExit(f"--rounds must be a positive integer, got {args.rounds}")
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    all_cases = cases(args.quick, args.device)
+    names = list(all_cases) if args.models is None else [m.strip() for m in args.models.split(",")]
+    unknown = [n for n in names if n not in all_cases]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {sorted(all_cases)}")
+    log_every = 4 if args.quick else LOG_EVERY
+    plan = {"mlp": 12, "cnn": 8, "gpt": 4, "gpt2": 6}
+    results = []
+    t0 = time.perf_counter()
+    for n in names:
+        rounds = args.rounds or (2 if args.quick else plan[n])
+        chunk = log_every  # one log step per chunk
+        res = _run_case(all_cases[n], args.device, log_every, warmup=log_every, chunk=chunk, rounds=rounds,
+                        seed=args.seed)
+        res.update(rounds=rounds, chunk=chunk)
+        results.append(res)
+        print(f"# {n}: {res['describe']}, {res['params'] / 1e6:.2f}M parameters, {rounds} x {chunk} steps per"
+              f" arm, {time.perf_counter() - t0:.0f} s", flush=True)
+    doc = {
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "log_every_n_steps": log_every,
+        "quick": args.quick,
+        "results": results,
+    }
+    print(table(results))
+    out = args.out or (None if args.quick else
+                       f"benchmarks/results/overhead{'_cuda' if args.device == 'cuda' else ''}.json")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
