@@ -54,6 +54,21 @@ _KINDS = {
     al.KIND_DIVERGENCE: EventKind.DIVERGENCE,
 }
 _METHODS = ("auto", "jacobian", "pairs")
+#: the device tensors of a bucket's state
+_BUCKET_TENSORS = (
+    "pos",
+    "times",
+    "noise_d",
+    "noise_m",
+    "noise_dvar",
+    "noise_pos",
+    "xc",
+    "v",
+    "tc",
+    "knn",
+    "sub",
+)
+_BUCKET_TENSORS += ("derived",)
 _TIMES = ("step", "lr")
 
 
@@ -95,6 +110,8 @@ class _Bucket:
         self.tc = torch.zeros((), dtype=torch.float64, device=device)
         self.knn: Tensor | None = None
         self.gidx: Tensor | None = None  # the members' group indices, cached on device
+        self.const: tuple[Tensor, ...] | None = None  # constant tensors, cached
+        self.derived: Tensor | None = None  # (5, B): sd_v, sd_m, nu, significant nu, float floor
         self.sub: Tensor | None = None  # (B, n) original indices when subsampled
 
     def take(self, keep: list[int]) -> _Bucket:
@@ -106,6 +123,7 @@ class _Bucket:
             setattr(nb, f, getattr(self, f).index_select(0, idx).clone())
         nb.times = self.times.clone()
         nb.times_host = None if self.times_host is None else list(self.times_host)
+        nb.derived = None if self.derived is None else self.derived.index_select(1, idx).clone()
         nb.tc = self.tc.clone()
         nb.count, nb.noise_count = self.count, self.noise_count
         nb.knn = None if self.knn is None else self.knn.index_select(0, idx).clone()
@@ -116,19 +134,7 @@ class _Bucket:
         d = {k: getattr(self, k) for k in ("names", "n", "D", "L", "count", "noise_count")}
         d["times_host"] = None if self.times_host is None else list(self.times_host)
         d["dtype"] = str(self.dtype).replace("torch.", "")
-        for k in (
-            "pos",
-            "times",
-            "noise_d",
-            "noise_m",
-            "noise_dvar",
-            "noise_pos",
-            "xc",
-            "v",
-            "tc",
-            "knn",
-            "sub",
-        ):
+        for k in _BUCKET_TENSORS:
             d[k] = getattr(self, k)
         return d
 
@@ -137,19 +143,7 @@ class _Bucket:
         b = cls(d["names"], d["n"], d["D"], getattr(torch, d["dtype"]), device, d["L"])
         b.count, b.noise_count = int(d["count"]), int(d["noise_count"])
         b.times_host = None if d["times_host"] is None else list(d["times_host"])
-        for k in (
-            "pos",
-            "times",
-            "noise_d",
-            "noise_m",
-            "noise_dvar",
-            "noise_pos",
-            "xc",
-            "v",
-            "tc",
-            "knn",
-            "sub",
-        ):
+        for k in _BUCKET_TENSORS:
             val = d[k]
             setattr(b, k, None if val is None else val.to(device).clone())
         return b
@@ -364,25 +358,14 @@ class BurgersTracker:
         self._g = {k: v.to(device) for k, v in self._g.items()}
         for b in self._buckets:
             b.device = device
-            for f in (
-                "pos",
-                "times",
-                "noise_d",
-                "noise_m",
-                "noise_dvar",
-                "noise_pos",
-                "xc",
-                "v",
-                "tc",
-                "knn",
-                "sub",
-                "gidx",
-            ):
+            for f in (*_BUCKET_TENSORS, "gidx"):
                 val = getattr(b, f)
                 setattr(b, f, None if val is None else val.to(device))
         if self._traj is not None:
             self._traj = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self._traj.items()}
         self._feat_default = self._units_default = self._rows_fixed = None
+        for b in self._buckets:
+            b.const = None
 
     def _add_group(self, name: str) -> None:
         self._names.append(name)
@@ -677,19 +660,23 @@ class BurgersTracker:
             b.times_host = None
         b.count += 1
         filled = min(b.count, L)
-        f64 = dict(dtype=torch.float64, device=dev)
         nonf = nonfinite.double()
-        nan_b = torch.full((B,), math.nan, **f64)
+        if b.const is None:
+            f64 = dict(dtype=torch.float64, device=dev)
+            b.const = (
+                torch.full((B,), math.inf, **f64),
+                torch.zeros(B, **f64),
+                torch.full((B,), math.nan, **f64),
+                torch.full((B, self.units), -1, dtype=torch.long, device=dev),
+            )
+        inf_b, zero_b, nan_b, none_units = b.const
 
         def pack(
             T: Tensor, sdT: Tensor, traw: Tensor, strength: Tensor, coll: Tensor, nu: Tensor, units: Tensor
-        ):
+        ) -> tuple[Tensor, Tensor]:
             feat = torch.stack([T, sdT, traw, strength, coll, nonf, nu], 1)
             return feat, torch.cat([units, nf_units], 1)
 
-        inf_b = torch.full((B,), math.inf, **f64)
-        zero_b = torch.zeros(B, **f64)
-        none_units = torch.full((B, self.units), -1, dtype=torch.long, device=dev)
         if b.count < 3:
             return pack(inf_b, inf_b, inf_b, zero_b, zero_b, nan_b, none_units)
         # ---- least-squares fit over the window
@@ -704,44 +691,14 @@ class BurgersTracker:
             tn = [b.times[i] for i in range(L)]
         xc, v = pt.fit_window(b.pos if filled == L else b.pos[:filled], w)
         b.xc, b.v, b.tc = xc, v, tc
-        # ---- noise: third differences of the newest snapshots (seven when the window allows), on a bounded
-        # subset
-        # (<= 256 values per group), every NOISE_EVERY updates: the estimates are averaged over 2L updates
-        # anyway
-        stride = max(1, -(-n * D // 256))
-        k_noise = min(7, L, b.count)
-        eps = torch.finfo(b.dtype).eps
-        floor_m = (16 * eps * xc.abs().amax((1, 2)).double()) ** 2
         dt_now = t_now - tc
+        # ---- noise statistics, every NOISE_EVERY updates (they are averaged over 2L updates anyway)
+        k_noise = min(7, L, b.count)
         full = k_noise == min(7, L)
-        if b.noise_count == 0 or not full or b.count % self._NOISE_EVERY == 0:
-            slots = [(b.count - 1 - i) % L for i in range(k_noise)]
-            snaps = [b.pos[s_, :, ::stride].reshape(B, -1) for s_ in slots]
-            d_inst, m_inst = pt.noise_update(snaps, [tn[s_] for s_ in slots])
-            # a running mean, then an exponential one over 2 windows; estimates from fewer snapshots than the
-            # full
-            # stencil only seed it (they attribute all noise to diffusion)
-            b.noise_count = 1 if not full else b.noise_count + 1
-            beta = 1.0 / min(b.noise_count, max(2 * L // self._NOISE_EVERY, 1))
-            dev_d = d_inst - b.noise_d
-            b.noise_d = b.noise_d + beta * dev_d
-            b.noise_m = b.noise_m + beta * (m_inst - b.noise_m)
-            b.noise_dvar = b.noise_dvar + beta * (dev_d * dev_d * (1.0 - beta) - b.noise_dvar)
-            # the pooled scatter of the newest snapshot about the fitted lines now: a conservative position
-            # noise
-            resid_now = snaps[0] - (xc[:, ::stride] + v[:, ::stride] * dt_now.to(b.dtype)).reshape(B, -1)
-            b.noise_pos = pt.mad_var(resid_now)
-        d_rate = b.noise_d.clamp_min(0)
-        sd_v = torch.sqrt((b.noise_m.clamp_min(0) + floor_m) * var_iid + d_rate * var_walk)  # (B,) float64
-        nu = 0.5 * d_rate
-        # viscosity for the viscous-width test: only where the diffusion rate stands out of its estimation
-        # scatter
-        # (successive estimates share a seven-snapshot stencil: about min(count,
-        # 2L/NOISE_EVERY)/(7/NOISE_EVERY)
-        # of them are independent)
-        n_eff = max(1.0, min(b.noise_count, 2 * L / self._NOISE_EVERY) * self._NOISE_EVERY / 7.0)
-        nu_sig = 0.5 * (b.noise_d - 3.0 * torch.sqrt(b.noise_dvar.clamp_min(0) / n_eff)).clamp_min(0)
-        sd_m = torch.sqrt(b.noise_pos + floor_m)
+        if b.derived is None or b.noise_count == 0 or not full or b.count % self._NOISE_EVERY == 0:
+            self._noise_block(b, xc, v, dt_now, k_noise, full, tn, var_iid, var_walk)
+        assert b.derived is not None
+        sd_v, sd_m, nu, nu_sig, floor_m = b.derived.unbind(0)
         k_eff = min(K, n - 1)
         if k_eff < 1 or b.count < L:  # forecasts only from full windows
             return pack(inf_b, inf_b, inf_b, zero_b, zero_b, nu, none_units)
@@ -792,6 +749,46 @@ class BurgersTracker:
             nu,
             self._map_units(b, units),
         )
+
+    def _noise_block(
+        self,
+        b: _Bucket,
+        xc: Tensor,
+        v: Tensor,
+        dt_now: Tensor,
+        k_noise: int,
+        full: bool,
+        tn: list[Any],
+        var_iid: Any,
+        var_walk: Any,
+    ) -> None:
+        """Update a bucket's noise estimates and the quantities derived from them (``b.derived``)."""
+        L, B = b.L, len(b.names)
+        n, D = b.n, b.D
+        stride = max(1, -(-n * D // 256))  # a bounded subset: <= 256 values per group
+        slots = [(b.count - 1 - i) % L for i in range(k_noise)]
+        snaps = [b.pos[s_, :, ::stride].reshape(B, -1) for s_ in slots]
+        d_inst, m_inst = pt.noise_update(snaps, [tn[s_] for s_ in slots])
+        # a running mean, then an exponential one over 2 windows; estimates from fewer snapshots than the full
+        # stencil only seed it (they attribute all noise to diffusion)
+        b.noise_count = 1 if not full else b.noise_count + 1
+        beta = 1.0 / min(b.noise_count, max(2 * L // self._NOISE_EVERY, 1))
+        dev_d = d_inst - b.noise_d
+        b.noise_d = b.noise_d + beta * dev_d
+        b.noise_m = b.noise_m + beta * (m_inst - b.noise_m)
+        b.noise_dvar = b.noise_dvar + beta * (dev_d * dev_d * (1.0 - beta) - b.noise_dvar)
+        # the pooled scatter of the newest snapshot about the fitted lines now: a conservative position noise
+        resid_now = snaps[0] - (xc[:, ::stride] + v[:, ::stride] * dt_now.to(b.dtype)).reshape(B, -1)
+        b.noise_pos = pt.mad_var(resid_now)
+        floor_m = (16 * torch.finfo(b.dtype).eps * xc.abs().amax((1, 2)).double()) ** 2  # float resolution
+        d_rate = b.noise_d.clamp_min(0)
+        sd_v = torch.sqrt((b.noise_m.clamp_min(0) + floor_m) * var_iid + d_rate * var_walk)
+        # viscosity for the viscous-width test: only where the diffusion rate stands out of its estimation
+        # scatter (successive estimates share a seven-snapshot stencil, so few of them are independent)
+        n_eff = max(1.0, min(b.noise_count, 2 * L / self._NOISE_EVERY) * self._NOISE_EVERY / 7.0)
+        nu_sig = 0.5 * (b.noise_d - 3.0 * torch.sqrt(b.noise_dvar.clamp_min(0) / n_eff)).clamp_min(0)
+        sd_m = torch.sqrt(b.noise_pos + floor_m)
+        b.derived = torch.stack([sd_v, sd_m, 0.5 * d_rate, nu_sig, floor_m])
 
     def _map_units(self, b: _Bucket, units: Tensor) -> Tensor:
         if b.sub is None:
