@@ -4,13 +4,10 @@ Run ``python -m benchmarks.tracker_cost`` (``--quick`` for a short run). Prints 
 ``benchmarks/results/tracker_cost.json``.
 
 Each case feeds a tracker a pre-generated stream (particles drifting with noise, so every code path runs:
-fits,
-noise estimates, neighbours, significance, alerts) and times blocks of updates after a warm-up of two windows;
-the
-figure is the median over blocks (this machine is shared, the median resists the others' load), the spread the
-blocks' min and max. The state size is the bytes of every tensor in ``state_dict()``: it is fixed by particles
-x
-window, whatever the number of steps.
+fits, noise estimates, neighbours, significance, alerts) and times blocks of updates after a warm-up of two
+windows; the figure is the median over blocks (this machine is shared, the median resists the others' load),
+the spread the blocks' min and max. The state size is the bytes of every tensor in ``state_dict()``: it is
+fixed by particles x window, whatever the number of steps.
 
 The target from the issue: <= 2 ms per update for 16 groups x 512 particles x D = 8.
 """

@@ -1,8 +1,7 @@
 """Alert logic of the tracker: the Riccati gate, the hysteresis state machine and the on-device event ring.
 
 All functions are vectorised over the tracker's groups (index 0 is the trajectory view) and never synchronise
-with
-the host. States: ``0`` pre, ``1`` imminent (a forecast within the horizon), ``2`` in-shock.
+with the host. States: ``0`` pre, ``1`` imminent (a forecast within the horizon), ``2`` in-shock.
 """
 
 from __future__ import annotations
@@ -28,19 +27,15 @@ def forecast_trend(ts: Tensor, Ts: Tensor, sds: Tensor, min_points: int) -> tupl
         min_points: fewer finite entries give ``nan``.
 
     Successive forecasts come from overlapping windows, so their errors are correlated over about one window
-    and the
-    scatter about the line understates the slope's uncertainty. The returned standard error is the larger of
-    the
-    residual one (which catches misfit: a forecast hopping between particles) and a model-based one: forecasts
-    with
-    errors ``sd`` correlated over the history behave like two independent values at its ends, so
-    ``SE ~ 1.5 rms(sd) / span``.
+    and the scatter about the line understates the slope's uncertainty. The returned standard error is the
+    larger of the residual one (which catches misfit: a forecast hopping between particles) and a model-based
+    one: forecasts with errors ``sd`` correlated over the history behave like two independent values at its
+    ends, so ``SE ~ 1.5 rms(sd) / span``.
 
     Along Burgers characteristics ``tau = -1/lambda`` shrinks at rate one (``ds/dt = -s^2``), so the forecast
     ``T = t + tau`` stays put: slope 0. A stationary contraction (gradient flow into a minimum, an
     Ornstein--Uhlenbeck pull) has constant ``tau``: the forecast recedes, slope 1. So does a viscous shock
-    once
-    formed (the gradient saturates at ``-U^2/(2 nu)``).
+    once formed (the gradient saturates at ``-U^2/(2 nu)``).
     """
     ok = torch.isfinite(Ts) & torch.isfinite(ts)
     m = ok.double()
@@ -86,10 +81,8 @@ def step_machine(
         cfg: ``h_on, h_off, n_on, n_off, n_shock, cooldown``.
 
     Arm when ``steps_to < h_on`` for ``n_on`` updates (outside cooldown); fire ``shock`` when the criterion
-    holds
-    ``n_shock`` updates; disarm when the time to shock exceeds ``h_off`` for ``n_off`` updates, then cool down
-    for
-    ``cooldown`` updates. At most one transition per group per update.
+    holds ``n_shock`` updates; disarm when the time to shock exceeds ``h_off`` for ``n_off`` updates, then
+    cool down for ``cooldown`` updates. At most one transition per group per update.
     """
     state, on, off, shk, cool = st["state"], st["on"], st["off"], st["shk"], st["cool"]
     zero = torch.zeros_like(on)
@@ -120,8 +113,8 @@ def write_events(buf: Tensor, counter: Tensor, rows: Tensor, flags: Tensor) -> N
     """Append the flagged ``rows`` to the ring ``buf`` (capacity ``buf.shape[0] - 1``; last row: scratch).
 
     ``counter`` (0-d int64) counts every event ever written; the slot of the next one is ``counter %
-    capacity``.
-    Rows not flagged go to the scratch row, so the write is a fixed-shape ``index_copy_`` with no host sync.
+    capacity``. Rows not flagged go to the scratch row, so the write is a fixed-shape ``index_copy_`` with no
+    host sync.
     """
     cap = buf.shape[0] - 1
     f = flags.long()

@@ -1,29 +1,22 @@
 """Particle view of the tracker: pure tensor functions, batched over the ``B`` groups of a bucket.
 
-A bucket holds groups of identical shape ``(n, D)``; its history is a ring of the last ``L`` snapshots,
-``pos: (L, B, n, D)``, with times ``(L,)``. Every function here is vectorised over groups and particles,
-performs no
+A bucket holds groups of identical shape ``(n, D)``; its history is a ring of the last ``L`` snapshots, ``pos:
+(L, B, n, D)``, with times ``(L,)``. Every function here is vectorised over groups and particles, performs no
 host synchronisation and allocates O(B * n * (L + K) * D) at most.
 
 The steps, in order:
 
 1. :func:`window_weights` -- least-squares weights over the ring (slope and mean), the window's centre time,
-and the
-   two variance factors of a least-squares slope: ``sum w^2`` (independent position noise) and
+   and the two variance factors of a least-squares slope: ``sum w^2`` (independent position noise) and
    ``sum_j dt_j c_j^2`` with ``c_j = sum_{k >= j} w_k`` (diffusion, i.e. a random walk on top of the motion).
-2. :func:`noise_update` -- the robust (MAD) variances of the newest velocity residuals, as third differences
-at
-   two lags (third differences), separate diffusion (growing with the lag) from position noise: the diffusion
-   rate
-   ``D_hat = Var(dx)/dt`` and the position-noise variance; ``nu = D_hat / 2``.
+2. :func:`noise_update` -- robust (MAD) variances of third differences at two lags separate diffusion
+   (growing with the lag) from position noise: the diffusion rate ``D_hat = Var(dx)/dt`` and the
+   position-noise variance; ``nu = D_hat / 2``.
 3. :func:`local_rates_1d` / :func:`local_rates_jacobian` / :func:`local_rates_pairs` -- the local compression
-rate
-   ``lambda_i`` of each particle with its standard error, from its neighbours (sorted neighbours in 1-D,
-   k-nearest
-   neighbours otherwise).
+   rate ``lambda_i`` of each particle with its standard error, from its neighbours (sorted neighbours in 1-D,
+   k-nearest neighbours otherwise).
 4. :func:`reduce_group` -- significance with a Bonferroni correction, the time to shock ``tau = -1/lambda``
-and a
-   robust minimum over the group, the strength and the units most involved.
+   and a robust minimum over the group, the strength and the units most involved.
 """
 
 from __future__ import annotations
@@ -49,16 +42,14 @@ def window_weights(times: Tensor, filled: int) -> tuple[Tensor, Tensor, Tensor, 
 
     Args:
         times: ``(L,)`` float64 ring of times; only the first ``filled`` slots (in ring order) are valid when
-        the ring
-            is not yet full.
+            the ring is not yet full.
         filled: number of valid slots (host int, ``>= 2``).
 
     Returns:
         ``(w_slope, w_mean, t_center, var_iid, var_walk)``: ``w_slope @ x`` is the least-squares slope,
-        ``w_mean @ x``
-        the mean (the fitted value at ``t_center``), and a slope's variance is ``var_iid * s_m^2 + var_walk *
-        D``
-        for position noise of variance ``s_m^2`` and diffusion of rate ``D`` (variance per unit time).
+        ``w_mean @ x`` the mean (the fitted value at ``t_center``), and a slope's variance is ``var_iid *
+        s_m^2 + var_walk * D`` for position noise of variance ``s_m^2`` and diffusion of rate ``D`` (variance
+        per unit time).
     """
     L = times.shape[0]
     valid = torch.arange(L, device=times.device) < filled
@@ -127,9 +118,8 @@ def _third_difference(x: list[Tensor], t: list[Any]) -> tuple[Tensor, Any, float
     """``d1 - 2 d2 + d3`` of the increments ``d_k = x_{k-1} - x_k`` of four snapshots (newest first).
 
     It annihilates constant, linear and quadratic motion (exactly for evenly spaced times; for a smoothly
-    varying
-    spacing up to its second difference). Under diffusion of rate ``D`` its variance is ``D (h1 + 4 h2 + h3)``
-    (``h_k`` the gaps), under independent position noise of variance ``s^2`` it is ``20 s^2``.
+    varying spacing up to its second difference). Under diffusion of rate ``D`` its variance is ``D (h1 + 4 h2
+    + h3)`` (``h_k`` the gaps), under independent position noise of variance ``s^2`` it is ``20 s^2``.
     """
     e = (x[0] - x[1]) - 2.0 * (x[1] - x[2]) + (x[2] - x[3])
     fd = (t[0] - t[1]) + 4.0 * (t[1] - t[2]) + (t[2] - t[3])
@@ -145,23 +135,19 @@ def noise_update(snaps: list[Tensor], times: list[Any]) -> tuple[Tensor, Tensor]
 
     Args:
         snaps: the newest snapshots, newest first, ``(B, m)`` each (any particles-by-coordinates subset):
-        seven of
-            them, or three to six with less information (see below).
+            seven of them, or three to six with less information (see below).
         times: their times (floats or 0-d float64 tensors), newest first.
 
     Returns:
         ``(D_rate, s_m2)``, float64 ``(B,)``, unclamped (average them over updates, then clamp at zero).
 
     The robust (MAD) variances ``V1``, ``V2`` of third differences at lag one (snapshots 0-3) and lag two (0,
-    2, 4, 6)
-    are linear in ``D`` and ``s^2`` with different coefficients (diffusion grows with the lag, position noise
-    does
-    not), so the 2x2 system separates them. Smooth motion barely enters: a third difference of a trajectory is
-    ``O(jerk h^3)``, against ``O(v h)`` for a plain velocity residual, so accelerating particles (say,
-    entering a
-    viscous shock) are not mistaken for noise. With fewer than seven snapshots, the newest increments'
-    residuals are
-    attributed to diffusion alone, the conservative choice for the velocities' standard errors.
+    2, 4, 6) are linear in ``D`` and ``s^2`` with different coefficients (diffusion grows with the lag,
+    position noise does not), so the 2x2 system separates them. Smooth motion barely enters: a third
+    difference of a trajectory is ``O(jerk h^3)``, against ``O(v h)`` for a plain velocity residual, so
+    accelerating particles (say, entering a viscous shock) are not mistaken for noise. With fewer than seven
+    snapshots, the newest increments' residuals are attributed to diffusion alone, the conservative choice for
+    the velocities' standard errors.
     """
     if len(snaps) < 7:
         if len(snaps) >= 4:
@@ -194,15 +180,11 @@ def local_rates_1d(xc: Tensor, v: Tensor, k: int) -> tuple[Tensor, Tensor, Tenso
 
     Returns:
         ``(lam, sxx, var_v, dxs, dvs)``: slopes and the position spread ``sum (x - mean)^2`` of each
-        particle's window
-        (SE of the slope is ``sd_v / sqrt(sxx)``), ``(B, n)`` in particle order; the velocity noise variance
-        per
-        group ``(B,)``: the robust (MAD) variance of the fits' residuals (on windows half a window apart),
-        pooled over
-        the group and corrected for the two fitted parameters, which measures every source of velocity error
-        (position noise, diffusion, misfit) without a noise model; and the position and velocity differences
-        of
-        neighbours in sorted order ``(B, n - 1)``.
+        particle's window (SE of the slope is ``sd_v / sqrt(sxx)``), ``(B, n)`` in particle order; the
+        velocity noise variance per group ``(B,)``: the robust (MAD) variance of the fits' residuals (on
+        windows half a window apart), pooled over the group and corrected for the two fitted parameters, which
+        measures every source of velocity error (position noise, diffusion, misfit) without a noise model; and
+        the position and velocity differences of neighbours in sorted order ``(B, n - 1)``.
     """
     B, n = xc.shape
     order = torch.argsort(xc, dim=1)
@@ -322,12 +304,9 @@ def local_rates_jacobian(
     """``lambda_min`` of the symmetric part of the least-squares velocity gradient over each neighbourhood.
 
     ``dV ~ dX J`` is fitted over the particle and its ``K`` neighbours (centred); ``lambda = lambda_min(sym
-    J)`` and
-    its standard error ``sd * sqrt(e^T (dX^T dX)^-1 e)`` along the eigenvector ``e``, with ``sd`` the larger
-    of the
-    model-based ``sd_v`` ``(B,)`` and the fits' pooled robust residual SD. Returns ``(lam, se, sd, r2, dot)``,
-    the last
-    two the pair statistics of :func:`pair_stats`.
+    J)`` and its standard error ``sd * sqrt(e^T (dX^T dX)^-1 e)`` along the eigenvector ``e``, with ``sd`` the
+    larger of the model-based ``sd_v`` ``(B,)`` and the fits' pooled robust residual SD. Returns ``(lam, se,
+    sd, r2, dot)``, the last two the pair statistics of :func:`pair_stats`.
     """
     D = xc.shape[-1]
     nb = gather_neighbours(torch.cat([xc, v], -1), idx)
@@ -367,10 +346,8 @@ def pair_stats(fm: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         idx: neighbour indices ``(B, n, K)``.
 
     One ``index_select`` gathers positions and velocities of all neighbours at once; the feature-major layout
-    makes
-    the sums over coordinates (and later the minimum over neighbours) run over leading dimensions, several
-    times
-    faster on CPU than reducing a short trailing one.
+    makes the sums over coordinates (and later the minimum over neighbours) run over leading dimensions,
+    several times faster on CPU than reducing a short trailing one.
     """
     B, n, K = idx.shape
     D = fm.shape[0] // 2
@@ -384,9 +361,10 @@ def pair_stats(fm: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 def local_rates_pairs(r2: Tensor, dot: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor]:
     """Pairwise strain rates over kNN pairs: ``dx.dv / |dx|^2 = -c/|dx|`` (``c`` the closing speed).
 
-    The time to close a pair is ``|dx|/c = -1/strain``; the most significantly closing pair of each particle gives its
-    ``lambda`` (the strain along a pair direction ``e`` is ``e^T J e >= lambda_min(sym J)``), with standard error
-    ``sqrt(2) sd_v / |dx|``. Args: ``r2, dot`` ``(K, B, n)`` from :func:`pair_stats`; ``sd_v`` ``(B,)``.
+    The time to close a pair is ``|dx|/c = -1/strain``; the most significantly closing pair of each particle
+    gives its ``lambda`` (the strain along a pair direction ``e`` is ``e^T J e >= lambda_min(sym J)``), with
+    standard error ``sqrt(2) sd_v / |dx|``. Args: ``r2, dot`` ``(K, B, n)`` from :func:`pair_stats`; ``sd_v``
+    ``(B,)``.
     """
     inv_r = torch.rsqrt(r2.clamp_min(torch.finfo(r2.dtype).tiny))
     return _rates_from(dot * inv_r, inv_r, sd_v)
@@ -418,16 +396,14 @@ def collapse_pairs(
         r2, dot: ``|dx|^2`` and ``dx.dv`` of pairs at the window centre, ``(B, ...)`` or ``(K, B, n)``.
         dt_now: time from the window centre to now (0-d).
         sd_v, sd_m: velocity and position noise SDs ``(B,)``; nu: viscosity ``(B,)`` (zero unless
-        significant);
+            significant);
         z: critical value.
 
     A pair is *closing* when its closing speed ``c = -dx.dv/|dx|`` exceeds ``z sqrt(2) sd_v``. Its separation
-    now,
-    along the fitted lines, is ``dx + dt dv``; projected on ``dx`` that is ``(|dx|^2 + dt dx.dv)/|dx|``. The
-    pair has
+    now, along the fitted lines, is ``dx + dt dv``; projected on ``dx`` that is ``(|dx|^2 + dt dx.dv)/|dx|``.
+    The pair has
     *crossed* when that is below ``-z sqrt(2) sd_m``, and it is *viscous* when ``|proj| c < 2 nu`` (closer
-    than the
-    viscous width ``2 nu / c``).
+    than the viscous width ``2 nu / c``).
     """
     B = sd_v.shape[0]
     gdim = 1 if (r2.dim() == 3 and r2.shape[0] != B) else 0  # neighbour-major (K, B, n) or (B, ...)
@@ -470,17 +446,16 @@ def reduce_group(
         valid: particles allowed to count ``(B, n)`` (finite input).
         z: critical value (already corrected for the number of comparisons).
         rank: the group's time to shock is the ``rank``-th smallest ``tau`` of its significant particles (or
-        the
-            largest when fewer are significant): a crossing involves a neighbourhood, not one particle, and an
-            order statistic is far less noisy than the minimum of many noisy estimates.
+            the largest when fewer are significant): a crossing involves a neighbourhood, not one particle,
+            and an order statistic is far less noisy than the minimum of many noisy estimates.
         quantile: when given, the ``quantile`` of the significant ``tau`` instead.
         k_units: number of unit indices to report.
 
     Returns:
         ``(tau, strength, units, sd_tau)``: ``tau = -1/lambda`` of the group (``inf`` when nothing is
         significant), the largest ``-lambda/SE`` among significant particles, the indices of the ``k_units``
-        most
-        compressive significant particles (``-1`` padding), and the standard error of ``tau`` (``tau^2 SE``).
+        most compressive significant particles (``-1`` padding), and the standard error of ``tau`` (``tau^2
+        SE``).
     """
     tiny = torch.finfo(lam.dtype).tiny
     sig = valid & (lam + z * se < 0) & torch.isfinite(lam)

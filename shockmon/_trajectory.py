@@ -4,12 +4,10 @@ Along the path the compression rate is ``s = <v, dv/dt> / |v|^2`` (``= d log|v| 
 Riccati law ``ds/dt = -s^2``: ``1/s`` grows with slope 1 and, when ``s < 0``, blows up after ``-1/s``.
 
 1. :func:`path_rate` -- velocity and acceleration at the window's centre from a least-squares quadratic over
-the
-   last ``L`` snapshots, and ``s`` (``nan`` when the velocity is not significantly non-zero).
+the last ``L`` snapshots, and ``s`` (``nan`` when the velocity is not significantly non-zero).
 2. :func:`riccati_fit` -- a least-squares line ``1/s = a + b t`` over the last ``M`` values of ``s``: the
-slope ``b``
-   is the *Burgers-consistency* figure (1 for Burgers, 0 for a stationary contraction), and the line's zero
-   ``t* = t - (1/s)/b`` is the forecast blow-up time.
+slope ``b`` is the *Burgers-consistency* figure (1 for Burgers, 0 for a stationary contraction), and the
+line's zero ``t* = t - (1/s)/b`` is the forecast blow-up time.
 """
 
 from __future__ import annotations
@@ -67,9 +65,9 @@ def path_rate(
     """``(s, var_s, tbar)``: compression rate along the path at the window's centre, its variance, the time.
 
     ``s = <v, a>/|v|^2`` from the quadratic fit; ``var_s ~ Var(a_parallel)/|v|^2`` (the acceleration's error
-    along
-    ``v`` dominates). ``s`` is ``nan`` if ``|v|`` is not ``z`` standard errors (pooled over coordinates) above
-    its noise, or below float resolution. ``host_times``: the ring's times when known on the host (faster).
+    along ``v`` dominates). ``s`` is ``nan`` if ``|v|`` is not ``z`` standard errors (pooled over coordinates)
+    above its noise, or below float resolution. ``host_times``: the ring's times when known on the host
+    (faster).
     """
     L, P = ring.shape
     if host_times is not None:
@@ -113,13 +111,11 @@ def riccati_fit(
             overlapping windows).
 
     The variance of ``y = 1/s`` is ``var_s / s^4`` (delta method), so early, small rates weigh little. The
-    slope's
-    standard error is the larger of the weighted-residual one and the model one, times ``inflate``.
+    slope's standard error is the larger of the weighted-residual one and the model one, times ``inflate``.
 
     Returns:
         ``(b, se_b, t_star)``: slope, its standard error, and the zero of the line (``inf`` when ``b <= 0`` or
-        the
-        current ``1/s >= 0``, i.e. no blow-up ahead).
+        the current ``1/s >= 0``, i.e. no blow-up ahead).
     """
     y = (1.0 / ss).double()
     s2 = ss.double() ** 2

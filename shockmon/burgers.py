@@ -4,10 +4,8 @@ Burgers' equation ``u_t + u u_x = nu u_xx`` on the line, with initial data ``u0`
 
 * **Inviscid** (``nu = 0``), before the first crossing: characteristics are straight lines,
   ``x = x0 + t u0(x0)`` (:func:`characteristics`), the velocity is carried unchanged along them, and the
-  gradient
-  along a characteristic obeys the Riccati law ``s' = -s^2``, so ``u_x = u0'/(1 + t u0')``. The first crossing
-  (the
-  gradient catastrophe) happens at ``t* = -1 / min u0'`` (:func:`breaking_time`).
+  gradient along a characteristic obeys the Riccati law ``s' = -s^2``, so ``u_x = u0'/(1 + t u0')``. The first
+  crossing (the gradient catastrophe) happens at ``t* = -1 / min u0'`` (:func:`breaking_time`).
 * **Viscous**, exactly, by Hopf--Cole: ``u = -2 nu d/dx log phi`` with ``phi`` the heat-kernel convolution of
   ``exp(-Phi0 / (2 nu))``, ``Phi0`` a primitive of ``u0`` (the potential). :func:`hopf_cole` evaluates it by
   quadrature
@@ -16,15 +14,13 @@ Burgers' equation ``u_t + u u_x = nu u_xx`` on the line, with initial data ``u0`
       w(z) ∝ exp(-z^2/(4 nu t) - Phi0(x + z)/(2 nu)),   u = -E_w[z]/t,   u_x = Cov_w(z, u0(x + z))/(2 nu t),
 
   with weights normalised by log-sum-exp (no overflow for small ``nu``) on a uniform grid fine enough to
-  resolve
-  the narrowest peak of ``w`` (trapezoid quadrature of a smooth, rapidly decaying integrand converges
+  resolve the narrowest peak of ``w`` (trapezoid quadrature of a smooth, rapidly decaying integrand converges
   exponentially).
 * Closed forms used to check the quadrature: the steady viscous shock ``-U tanh(U x/(2 nu))``
   (:func:`viscous_shock`) and the Riemann step (:func:`riemann_step`).
 
 Everything is float64 torch, CPU by default. Example (the benchmark of Basdevant et al., 1986: ``u0 = -sin(pi
-x)``,
-``nu = 0.01/pi``, steepest gradient ``u_x(0, 1.6037/pi) = -152.00516``):
+x)``, ``nu = 0.01/pi``, steepest gradient ``u_x(0, 1.6037/pi) = -152.00516``):
 
     >>> import math, torch
     >>> u0 = lambda x: -torch.sin(math.pi * x)
@@ -81,8 +77,7 @@ def breaking_time(u0: Field, x: torch.Tensor, du0: Field | None = None) -> float
     """Gradient-catastrophe time ``t* = -1 / min u0'`` (``inf`` when ``u0`` is nowhere decreasing).
 
     The minimum of ``u0'`` is searched on the grid ``x`` and refined by golden-section search around the best
-    grid
-    point. ``u0'`` comes from ``du0`` when given, else from autograd.
+    grid point. ``u0'`` comes from ``du0`` when given, else from autograd.
 
     Example:
         >>> round(breaking_time(lambda x: torch.exp(-x * x), torch.linspace(-3, 3, 601)), 6)  # sqrt(e/2)
@@ -115,8 +110,7 @@ def inviscid_solution(
     """Inviscid velocity ``u(x, t)`` before the first crossing, by inverting the characteristic map.
 
     Solves ``x = x0 + t u0(x0)`` for ``x0`` in ``[lo, hi]`` by bisection (the map is increasing for ``t <
-    t*``), then
-    returns ``u0(x0)``.
+    t*``), then returns ``u0(x0)``.
 
     Example:
         >>> inviscid_solution(torch.tensor([0.5]), 0.5, lambda x: -x, -2.0, 2.0).tolist()  # x0 = 1, u = -1
@@ -243,12 +237,9 @@ def riemann_step(x: torch.Tensor, t: float, nu: float, u_left: float, u_right: f
     """Closed-form viscous solution for the step ``u0 = u_left (x < 0), u_right (x > 0)``.
 
     ``u = (u_L A_L + u_R A_R) / (A_L + A_R)`` with ``A_L = exp(-u_L (x - u_L t / 2) / (2 nu)) erfc((x - u_L t)
-    /
-    sqrt(4 nu t))`` and ``A_R = exp(-u_R (x - u_R t / 2) / (2 nu)) erfc(-(x - u_R t) / sqrt(4 nu t))``
-    (Hopf--Cole
-    with the piecewise-linear potential), evaluated in log space. For ``u_L > u_R`` it tends to a viscous
-    shock
-    moving at ``(u_L + u_R) / 2``.
+    / sqrt(4 nu t))`` and ``A_R = exp(-u_R (x - u_R t / 2) / (2 nu)) erfc(-(x - u_R t) / sqrt(4 nu t))``
+    (Hopf--Cole with the piecewise-linear potential), evaluated in log space. For ``u_L > u_R`` it tends to a
+    viscous shock moving at ``(u_L + u_R) / 2``.
 
     Example:
         >>> round(riemann_step(torch.tensor([0.0]), 1.0, 0.01, 1.0, -1.0).item(), 12)
@@ -275,10 +266,9 @@ def formation_time(
     """First time the exact viscous gradient ``u_x(x, t)`` reaches ``level`` (``< 0``), by bisection.
 
     ``u_x(x, t)`` is scanned on 201 times in ``[t_lo, t_hi]`` for the first one at or below ``level``, then
-    the
-    bracket is bisected to ``tol``; ``inf`` when it is never reached. Used to define the shock-formation time
-    ``t_f`` in the tracker's tests: the time the gradient at the shock
-    reaches half the steady viscous-shock slope, ``level = -U^2 / (4 nu)``.
+    the bracket is bisected to ``tol``; ``inf`` when it is never reached. Used to define the shock-formation
+    time ``t_f`` in the tracker's tests: the time the gradient at the shock reaches half the steady
+    viscous-shock slope, ``level = -U^2 / (4 nu)``.
 
     Example:
         >>> round(formation_time(lambda y: -torch.sin(y), 0.05, -5.0, potential=torch.cos, tol=1e-4), 2)
@@ -290,8 +280,7 @@ def formation_time(
         return float(hopf_cole(xs, tt, nu, u0, potential)[1][0])
 
     # The gradient at a viscous shock steepens, saturates, then decays as the wave loses amplitude: scan for
-    # the
-    # first bracket, then bisect inside it.
+    # the first bracket, then bisect inside it.
     grid = torch.linspace(t_lo, t_hi, 201, dtype=torch.float64).tolist()
     prev = grid[0]
     if g(prev) <= level:

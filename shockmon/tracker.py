@@ -2,27 +2,20 @@
 
 :class:`BurgersTracker` takes quotient observables step by step and forecasts shocks -- the moment
 characteristics cross. It is pure torch, knows nothing of models or Lightning, keeps its state on the device
-of its
-inputs, and synchronises with the host only in :meth:`BurgersTracker.poll`.
+of its inputs, and synchronises with the host only in :meth:`BurgersTracker.poll`.
 
 The computations live in pure functions: :mod:`shockmon._particles` (particle view),
-:mod:`shockmon._trajectory`
-(trajectory view) and :mod:`shockmon._alerts` (Riccati gate, hysteresis, event ring). This module orchestrates
-them.
+:mod:`shockmon._trajectory` (trajectory view) and :mod:`shockmon._alerts` (Riccati gate, hysteresis, event
+ring). This module orchestrates them.
 
 Cost and state. Groups of equal shape ``(n, D)`` are stacked into *buckets* and processed by one batch of
-tensor
-operations, so the cost per update is a few dozen kernels per bucket, not per group. State is a ring of the
-last
-``window`` snapshots per group, O(particles x window), fixed in size whatever the number of steps. In 1-D the
-neighbours are the sorted neighbours (a sort per update, O(n log n)); in D > 1 they are exact k-nearest
-neighbours
-by ``cdist`` + ``topk`` (O(n^2 D)), refreshed round-robin every ``knn_every`` updates. Groups of more than
-``max_particles`` particles are tracked on a fixed random subsample of that size (seeded, saved in the state
-dict):
-the cost then stops growing with ``n`` but a shock confined to fewer than about ``n / max_particles``
-particles can
-be missed.
+tensor operations, so the cost per update is a few dozen kernels per bucket, not per group. State is a ring of
+the last ``window`` snapshots per group, O(particles x window), fixed in size whatever the number of steps. In
+1-D the neighbours are the sorted neighbours (a sort per update, O(n log n)); in D > 1 they are exact
+k-nearest neighbours by ``cdist`` + ``topk`` (O(n^2 D)), refreshed round-robin every ``knn_every`` updates.
+Groups of more than ``max_particles`` particles are tracked on a fixed random subsample of that size (seeded,
+saved in the state dict): the cost then stops growing with ``n`` but a shock confined to fewer than about ``n
+/ max_particles`` particles can be missed.
 """
 
 from __future__ import annotations
@@ -153,30 +146,31 @@ class BurgersTracker:
     """Streaming Burgers characteristic tracker: forecasts shocks from quotient observables, on device.
 
     Two views of the same picture. **Particle view**: each group (a layer's units, a block's heads) is a set
-    of
-    particles ``x_i(t)`` in invariant coordinates; velocities are least-squares slopes over the last
-    ``window``
-    snapshots; the local velocity gradient is fitted over ``neighbors`` neighbours and its compression rate
-    ``lambda_i = lambda_min(sym J_i)`` counts when significantly negative (Bonferroni over the group). The
-    forecast is
-    ``t_c - 1/lambda`` with ``t_c`` the window's centre time (the velocities' lag corrected), robust-minimised
-    over the
-    group, and it is kept only while it is *Burgers-consistent*: along characteristics ``-1/lambda`` shrinks
-    at rate
-    one, so the forecast stays put; a forecast that recedes (a stationary contraction, or a viscous shock that
-    has
-    formed) is not a coming crossing. **Trajectory view**: for the vector ``q(t)`` of all scalar quotient
-    observables, ``s = <v, dv/dt>/|v|^2`` and a Riccati fit ``1/s = a + b t``; ``b`` is the
-    Burgers-consistency figure
-    and the fit's zero the forecast blow-up.
+    of particles ``x_i(t)`` in invariant coordinates; velocities are least-squares slopes over the last
+    ``window`` snapshots; the local velocity gradient is fitted over ``neighbors`` neighbours and its
+    compression rate ``lambda_i = lambda_min(sym J_i)`` counts when significantly negative (Bonferroni over
+    the group). The forecast is ``t_c - 1/lambda`` with ``t_c`` the window's centre time (the velocities' lag
+    corrected), robust-minimised over the group, and it is kept only while it is *Burgers-consistent*: along
+    characteristics ``-1/lambda`` shrinks at rate one, so the forecast stays put; a forecast that recedes (a
+    stationary contraction, or a viscous shock that has formed) is not a coming crossing. **Trajectory view**:
+    for the vector ``q(t)`` of all scalar quotient observables, ``s = <v, dv/dt>/|v|^2`` and a Riccati fit
+    ``1/s = a + b t``; ``b`` is the Burgers-consistency figure and the fit's zero the forecast blow-up.
 
     A *shock* happens when a significantly closing pair of particles crosses or comes within the viscous width
     ``2 nu/|dv|``, when the forecast time is reached, or when an imminent compression stops steepening (the
-    forecast
-    recedes: the gradient plateaus at its viscous limit). Viscosity ``nu = D_hat/2`` comes from the MAD
-    variance of
-    velocity residuals, with measurement noise (constant in the lag) separated from diffusion (growing with
-    it).
+    forecast recedes: the gradient plateaus at its viscous limit). Viscosity ``nu = D_hat/2`` comes from the
+    MAD variance of velocity residuals, with measurement noise (constant in the lag) separated from diffusion
+    (growing with it).
+
+    Use: :meth:`update` every step (no host sync), :meth:`forecast` / :meth:`summary` for device tensors to
+    log, :meth:`poll` once per logging interval for the events since the last poll (the one host sync);
+    :meth:`state_dict` / :meth:`load_state_dict` (and pickle) to resume with identical events.
+
+    What it can and cannot see. Forecasts need a significant compression (``z`` above a Bonferroni threshold)
+    that is also Burgers-consistent over ``riccati_window`` updates; when the velocities are too noisy for
+    that, the forecast is withheld (``inf``) rather than wrong. On the tests' flows (256 particles, time step
+    0.01 per step, position noise 1e-3) the forecast at half the crossing time is within a few percent of it;
+    with noise 3e-3 it is withheld until later. Cost: see ``benchmarks/tracker_cost.py``.
 
     Args:
         horizon: a ``forecast`` event fires when a shock is predicted within this many steps (``H_on``).
@@ -188,26 +182,23 @@ class BurgersTracker:
             ``T'' (rank * spacing / 2)^2 / 2`` where ``T(x0)`` is the crossing time of the characteristic from
             ``x0``).
         quantile: if given, use this quantile of the significant particles' times to shock instead of
-        ``rank``.
+            ``rank``.
         method: ``"auto"`` (least-squares Jacobian when ``D <= 3`` and ``K >= 2D + 1``, with closed-form
-        eigenvalues;
-            pairwise closing times otherwise), ``"jacobian"`` (``torch.linalg.eigh`` beyond ``D = 3``) or
-            ``"pairs"``.
-            Pairwise closing sees a compression along ``e`` only through ``(e . pair)^2``: with few neighbours
-            in high
-            dimension its forecasts are late (conservative), never early.
+            eigenvalues; pairwise closing times otherwise), ``"jacobian"`` (``torch.linalg.eigh`` beyond ``D =
+            3``) or ``"pairs"``. Pairwise closing sees a compression along ``e`` only through ``(e .
+            pair)^2``: with few neighbours in high dimension its forecasts are late (conservative), never
+            early.
         time: ``"step"`` or ``"lr"`` (learning-rate time ``t = sum lr``; forecasts are converted back to steps
-        at the
-            current learning rate).
+            at the current learning rate).
         n_on, n_off: updates a condition must hold to arm / disarm.
         disarm_horizon: ``H_off``, default ``2 * horizon``.
         cooldown: updates after a disarm during which no forecast arms.
         warmup: no forecast or shock event before this step.
         shock_updates: updates the shock criterion must hold.
         riccati_window: forecasts in the particle view's Burgers-consistency fit (default ``window``), ``>=
-        4``.
+            4``.
         trajectory_window: rates ``s`` in the trajectory view's Riccati fit (default ``4 * window``), ``>=
-        4``.
+            4``.
         max_particles: larger groups are tracked on a fixed random subsample of this size.
         knn_every: in D > 1, each particle's neighbour list is recomputed (exactly) every this many updates; a
             slice of ``n / knn_every`` lists per group is refreshed at each update, so the cost is steady.
@@ -468,13 +459,11 @@ class BurgersTracker:
                 (float64 inputs are tracked in float64, others in float32).
             trajectory: optional 1-D vector ``q(t)`` of all scalar quotient observables.
             lr: learning rate, for ``time="lr"`` (required on the first update; later defaults to the last
-            one).
+                one).
 
         A group whose size changes is warned about once per change and its history restarts. Non-finite values
-        are
-        replaced by their particle's extrapolated fit (so they never poison the state) and raise a
-        ``divergence``
-        event.
+        are replaced by their particle's extrapolated fit (so they never poison the state) and raise a
+        ``divergence`` event.
         """
         step, groups = self._check(step, groups, trajectory, lr)
         first = next(iter(groups.values()), trajectory)
@@ -880,14 +869,16 @@ class BurgersTracker:
         return items + [(0, TRAJECTORY)]
 
     def summary(self) -> dict[str, Tensor]:
-        """0-d device tensors for logging.
+        """0-d device tensors for logging (no host sync). The keys, ``<group>`` in first-seen order:
 
-        Keys: ``forecast/<group>`` (steps to shock, ``inf`` when none; 0 once predicted time is reached) for
-        each
-        group and ``trajectory``; ``viscosity/<group>`` (``nu`` in the tracker's time units, ``nan`` until
-        estimated); ``state/<group>`` (0 pre, 1 imminent, 2 in-shock) for each group and ``trajectory``;
-        ``burgers_consistency`` (slope of ``d(1/s)/dt`` on the trajectory, ``nan`` until enough data);
-        ``steps_to_shock`` (minimum of the forecasts); ``shock`` (1.0 if any group is in-shock).
+        - ``forecast/<group>``: steps to the predicted shock (``inf`` when none; 0 once its time is reached),
+          for each group and ``trajectory``;
+        - ``viscosity/<group>``: ``nu = D_hat/2`` in the tracker's time units (``nan`` until estimated);
+        - ``state/<group>``: 0 pre, 1 imminent, 2 in-shock, for each group and ``trajectory``;
+        - ``burgers_consistency``: fitted slope of ``d(1/s)/dt`` on the trajectory (1 for Burgers; ``nan``
+          until enough data);
+        - ``steps_to_shock``: the minimum of the ``forecast/`` values;
+        - ``shock``: 1.0 if any group is in-shock, else 0.0.
         """
         if self._device is None:
             inf = torch.tensor(math.inf, dtype=torch.float64)

@@ -1,8 +1,7 @@
 """BurgersTracker on exact Burgers flows: forecasts, shocks, viscosity, trajectory view, persistence, no sync.
 
 Thresholds are the issue's. Seeds used to choose the tracker's defaults were 0-8; the seeds here (11, 12) were
-not
-looked at while choosing them.
+not looked at while choosing them.
 """
 
 from __future__ import annotations
@@ -10,6 +9,8 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -224,6 +225,19 @@ def test_tracker_summary_keys_and_values():
     f = tracker.forecast()
     assert set(f) == {"a", "b", "trajectory"} and float(f["a"]) == pytest.approx(100, abs=5)
     assert math.isinf(float(f["b"]))
+
+
+def test_tracker_core_imports_without_lightning_or_plotting():
+    code = (
+        "import sys, shockmon\n"
+        "from shockmon import BurgersTracker, burgers\n"
+        "import shockmon.tracker\n"
+        "banned = ('lightning', 'pytorch_lightning', 'tensorboard', 'matplotlib')\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in banned]\n"
+        "assert not bad, bad\n"
+        "assert BurgersTracker is shockmon.tracker.BurgersTracker and burgers.hopf_cole\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_tracker_before_any_update():

@@ -2,12 +2,12 @@
 
 Rarefaction (u0 = tanh x), uniform translation, independent random walks, Ornstein--Uhlenbeck particles (a
 stationary contraction: gradient flow into a minimum, whose characteristics converge but never cross) and a
-constant
-trajectory. Each control is a group of one tracker, so they also run batched, as in training.
+constant trajectory. Each control is a group of one tracker, so they also run batched, as in training.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shockmon.tracker import BurgersTracker
@@ -23,6 +23,7 @@ def _noise(g: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(CHUNK, *shape, generator=g)
 
 
+@pytest.mark.slow
 def test_tracker_controls_one_dimensional_are_silent():
     n = 64
     g = torch.Generator().manual_seed(2024)
@@ -55,6 +56,7 @@ def test_tracker_controls_one_dimensional_are_silent():
     assert float(summary["shock"]) == 0.0 and float(summary["steps_to_shock"]) == float("inf")
 
 
+@pytest.mark.slow
 def test_tracker_controls_multidimensional_and_noisy_trajectory_are_silent():
     """8-D random walks (pairwise closing), a 2-D OU contraction (Jacobian) and a random-walk trajectory."""
     n = 48
