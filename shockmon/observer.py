@@ -72,7 +72,7 @@ def _gaussian(shape: tuple[int, ...], name: str, seed: int, dtype: torch.dtype, 
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True).clamp_min(_TINY)
+    return x / O.row_norms(x).clamp_min(_TINY)
 
 
 def _nan(like: torch.Tensor) -> torch.Tensor:
@@ -282,7 +282,8 @@ class Observer:
         ang = self.angular_step and prev is not None and prev.shape == w.shape
         if ang:
             if spec.per == "row":
-                cos = (w * prev).sum(1) / (w.norm(dim=1) * prev.norm(dim=1)).clamp_min(_TINY)  # type: ignore[union-attr]
+                norms = O.row_norms(w) * O.row_norms(prev)  # type: ignore[arg-type]
+                cos = (w * prev).sum(1) / norms[:, 0].clamp_min(_TINY)  # type: ignore[operator]
                 parts.append(cos.sum()[None])
             else:
                 groups = spec.groups if spec.per == "group" else 1
