@@ -237,6 +237,25 @@ def gather_neighbours(x: Tensor, idx: Tensor) -> Tensor:
     return x.reshape(B * N, F).index_select(0, (idx + off).reshape(-1)).reshape(B, n, K, F)
 
 
+def _small_inv(A: Tensor) -> Tensor:
+    """Inverse of ``(..., D, D)`` matrices: closed form (adjugate / determinant) for D <= 3, LAPACK beyond."""
+    D = A.shape[-1]
+    if D == 1:
+        return 1.0 / A
+    if D == 2:
+        a, b, c, d = A[..., 0, 0], A[..., 0, 1], A[..., 1, 0], A[..., 1, 1]
+        det = a * d - b * c
+        return torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2) / det[..., None, None]
+    if D == 3:
+        r0, r1, r2 = A[..., 0, :], A[..., 1, :], A[..., 2, :]
+        c0 = torch.linalg.cross(r1, r2)
+        c1 = torch.linalg.cross(r2, r0)
+        c2 = torch.linalg.cross(r0, r1)
+        det = (r0 * c0).sum(-1)
+        return torch.stack([c0, c1, c2], -1) / det[..., None, None]
+    return torch.linalg.inv(A)
+
+
 def _sym_min_eig(S: Tensor) -> tuple[Tensor, Tensor]:
     """Smallest eigenvalue and its unit eigenvector of symmetric ``(..., D, D)``; closed form for D <= 3."""
     D = S.shape[-1]
@@ -320,7 +339,7 @@ def local_rates_jacobian(
     Bm = dx.transpose(-1, -2) @ dv
     eye = torch.eye(D, dtype=A.dtype, device=A.device)
     ridge = 1e-6 * A.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] / D + torch.finfo(A.dtype).tiny
-    Ainv = torch.linalg.inv(A + ridge * eye)
+    Ainv = _small_inv(A + ridge * eye)
     J = Ainv @ Bm
     S = 0.5 * (J + J.transpose(-1, -2))
     lam, e = _sym_min_eig(S)

@@ -424,3 +424,17 @@ def test_tracker_update_does_not_sync_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     tracker.poll()
+
+
+@pytest.mark.parametrize("D", [1, 2, 3, 4])
+def test_tracker_closed_form_small_linear_algebra_matches_lapack(D):
+    from shockmon._particles import _small_inv, _sym_min_eig
+
+    g = torch.Generator().manual_seed(D)
+    A = torch.randn(500, D, D, generator=g, dtype=torch.float64)
+    S = A + A.transpose(-1, -2)
+    lam, e = _sym_min_eig(S)
+    assert torch.allclose(lam, torch.linalg.eigvalsh(S)[:, 0], atol=1e-10)
+    assert torch.allclose((S @ e[..., None])[..., 0], lam[:, None] * e, atol=1e-9)
+    P = A @ A.transpose(-1, -2) + 0.1 * torch.eye(D, dtype=torch.float64)
+    assert torch.allclose(_small_inv(P), torch.linalg.inv(P), atol=1e-8)
