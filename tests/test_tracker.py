@@ -453,3 +453,16 @@ def test_tracker_closed_form_small_linear_algebra_matches_lapack(D):
     assert torch.allclose((S @ e[..., None])[..., 0], lam[:, None] * e, atol=1e-9)
     P = A @ A.transpose(-1, -2) + 0.1 * torch.eye(D, dtype=torch.float64)
     assert torch.allclose(_small_inv(P), torch.linalg.inv(P), atol=1e-8)
+
+
+def test_tracker_doctests():
+    import doctest
+
+    import shockmon._alerts
+    import shockmon._particles
+    import shockmon._trajectory
+    import shockmon.tracker
+
+    for mod in (shockmon.tracker, shockmon._particles, shockmon._trajectory, shockmon._alerts):
+        assert doctest.testmod(mod).failed == 0, mod.__name__
+    assert doctest.testmod(shockmon.tracker).attempted >= 5  # the seeded stream and where its shock is caught
