@@ -161,6 +161,9 @@ class Observer:
         self._proj: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._units: dict[str, torch.Tensor] = {}
         self._trajectory_keys: list[str] | None = None
+        # the weight side of the last compute()'s per-head Grams, (H, d_head, d_head) per projection, with the
+        # parameter's version: grad_observables() runs before the next optimizer step, on the same weights
+        self._grams: dict[tuple[Any, ...], tuple[tuple[int, int], torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ helpers
     def _check_heads(self) -> None:
@@ -241,12 +244,35 @@ class Observer:
                                           [lay.in_blocks for lay in chain.layers], p_first, p_sq_in, p_last, p_sq_out,
                                           chain.end_norm, chain.end_groups))
 
+    def _version(self, name: str) -> tuple[int, int] | None:
+        """Identifies a parameter's values (in-place updates bump ``_version``): host metadata, no sync."""
+        t = self.rows.local(name)
+        try:
+            return t._version, t.data_ptr()
+        except RuntimeError:  # inference tensors keep no version
+            return None
+
+    def _weight_grams(self, ref: Any, w: torch.Tensor, heads: int, cols: bool = False) -> torch.Tensor:
+        """``O.head_grams(w, heads, cols=cols)`` of the local rows ``w`` of ``ref``, reused while the
+        parameter has not changed since it was computed (by compute() after a step, for grad_observables()
+        before the next one)."""
+        key = (cols, ref.name, ref.start, ref.stop)
+        version = self._version(ref.name)
+        hit = self._grams.get(key)
+        if version is not None and hit is not None and hit[0] == version and hit[1].shape[0] == heads \
+                and hit[1].dtype == w.dtype:
+            return hit[1]
+        g = O.head_grams(w, heads, cols=cols)
+        if version is not None:
+            self._grams[key] = (version, g)
+        return g
+
     def _head_gram(self, ref: Any, heads: int) -> torch.Tensor:
         w, (lo, hi, n) = self.rows.rows(ref, self.dtype)
         dh = n // heads
         if hi <= lo:
             return w.new_zeros(heads, dh, dh)
-        return O.place(O.head_grams(w, (hi - lo) // dh), (lo // dh, hi // dh, heads), dim=0)
+        return O.place(self._weight_grams(ref, w, (hi - lo) // dh), (lo // dh, hi // dh, heads), dim=0)
 
     def _placed(self, ref: Any) -> torch.Tensor:
         b, span = self.rows.rows(ref, self.dtype)
@@ -256,7 +282,7 @@ class Observer:
         h = spec.num_heads
         grams = [self._head_gram(r, h) for r in (spec.q, spec.k, spec.v)]
         o, _ = self.rows.rows(spec.o, self.dtype)
-        grams.append(O.head_grams(o, h, cols=True))  # rows of O are output features: a sum over them
+        grams.append(self._weight_grams(spec.o, o, h, cols=True))  # rows of O: output features, summed over
         biases = [self._placed(r) for r in (spec.q_bias, spec.v_bias) if r is not None]
         got = yield grams + biases
         gq, gk, gv, go = got[:4]
@@ -466,7 +492,8 @@ class Observer:
                 lay = chain.layers[group.index]
                 ps = [pair(lay.weight)] + ([pair(lay.bias)] if lay.bias is not None else [])
                 if all(p is not None for p in ps):
-                    tot = torch.stack([(w * g).square().sum() for w, g in ps])  # type: ignore[misc]
+                    tot = torch.stack([torch.linalg.vector_norm(w * g).square()
+                                       for w, g in ps])  # type: ignore[misc]
                     gens[f"quotient/rescale/{group.name}/grad_norm"] = one([tot.sum()[None]])
         for ns in self.report.norm_scales:
             p = pair(ns.weight)
@@ -491,14 +518,15 @@ class Observer:
             (q, gq), (k, gk), (v, gv), (o, go) = ps  # type: ignore[misc]
             dh = rows.rows(att.q, dt)[1][2] // h
 
-            def local_heads(w: torch.Tensor, g: torch.Tensor, dh: int = dh) -> torch.Tensor:
+            def local_heads(ref: Any, w: torch.Tensor, g: torch.Tensor, dh: int = dh) -> torch.Tensor:
                 nh = w.shape[0] // dh
-                return (O.head_grams(w, nh) * O.head_grams(g, nh)).sum() if nh else w.new_zeros(())
+                return (self._weight_grams(ref, w, nh) * O.head_grams(g, nh)).sum() if nh else w.new_zeros(())
 
-            qk = (local_heads(q, gq) + local_heads(k, gk))[None]
+            qk = (local_heads(att.q, q, gq) + local_heads(att.k, k, gk))[None]
             gens[f"quotient/attention_qk/{att.name}/grad_norm"] = one([qk])
             gens[f"quotient/attention_vo/{att.name}/grad_norm"] = one(
-                [local_heads(v, gv)[None], O.head_grams(o, h, cols=True), O.head_grams(go, h, cols=True)])
+                [local_heads(att.v, v, gv)[None], self._weight_grams(att.o, o, h, cols=True),
+                 O.head_grams(go, h, cols=True)])
         res = self._drive(gens)
         out: dict[str, torch.Tensor] = {}
         for key, got in res.items():
