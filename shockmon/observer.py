@@ -161,9 +161,6 @@ class Observer:
         self._proj: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._units: dict[str, torch.Tensor] = {}
         self._trajectory_keys: list[str] | None = None
-        # the weight side of the last compute()'s per-head Grams, (H, d_head, d_head) per projection, with the
-        # parameter's version: grad_observables() runs before the next optimizer step, on the same weights
-        self._grams: dict[tuple[Any, ...], tuple[tuple[int, int], torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ helpers
     def _check_heads(self) -> None:
@@ -244,28 +241,14 @@ class Observer:
                                           [lay.in_blocks for lay in chain.layers], p_first, p_sq_in, p_last, p_sq_out,
                                           chain.end_norm, chain.end_groups))
 
-    def _version(self, name: str) -> tuple[int, int] | None:
-        """Identifies a parameter's values (in-place updates bump ``_version``): host metadata, no sync."""
-        t = self.rows.local(name)
-        try:
-            return t._version, t.data_ptr()
-        except RuntimeError:  # inference tensors keep no version
-            return None
-
     def _weight_grams(self, ref: Any, w: torch.Tensor, heads: int, cols: bool = False) -> torch.Tensor:
-        """``O.head_grams(w, heads, cols=cols)`` of the local rows ``w`` of ``ref``, reused while the
-        parameter has not changed since it was computed (by compute() after a step, for grad_observables()
-        before the next one)."""
-        key = (cols, ref.name, ref.start, ref.stop)
-        version = self._version(ref.name)
-        hit = self._grams.get(key)
-        if version is not None and hit is not None and hit[0] == version and hit[1].shape[0] == heads \
-                and hit[1].dtype == w.dtype:
-            return hit[1]
-        g = O.head_grams(w, heads, cols=cols)
-        if version is not None:
-            self._grams[key] = (version, g)
-        return g
+        """``O.head_grams(w, heads, cols=cols)`` of the local rows ``w`` of ``ref``.
+
+        Not cached across calls: a tensor's version counter does not see every write (``p.data.copy_(...)``, FSDP2's
+        sharded updates), and a stale Gram would be a silently wrong number; recomputing costs one d_head-wide
+        product per projection.
+        """
+        return O.head_grams(w, heads, cols=cols)
 
     def _head_gram(self, ref: Any, heads: int) -> torch.Tensor:
         w, (lo, hi, n) = self.rows.rows(ref, self.dtype)

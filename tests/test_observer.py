@@ -303,3 +303,22 @@ def test_observer_balanced_representative_converges_and_is_invariant() -> None:
         rel = ((b3[g]["in_sq"] - b3[g]["out_sq"]).abs() / b3[g]["in_sq"]).max()
         rel_cold = ((cold[g]["in_sq"] - cold[g]["out_sq"]).abs() / cold[g]["in_sq"]).max()
         assert rel < 1e-2 and rel <= rel_cold + 1e-12, (g, rel, rel_cold)
+
+
+def test_observer_never_reuses_stale_values_after_untracked_writes() -> None:
+    """Writes through ``.data`` do not bump a tensor's version: nothing may be cached on it across calls."""
+    torch.manual_seed(0)
+    model = transformer_layer().double()
+    obs = Observer(model)
+    obs.compute()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.copy_(p.data * 1.3 + 0.01)
+    x = torch.randn(2, 4, 16, dtype=torch.float64)
+    model(x).square().sum().backward()
+    fresh = Observer(model)
+    for k, v in fresh.grad_observables().items():
+        torch.testing.assert_close(obs.grad_observables()[k], v)
+    for k, v in fresh.compute().items():
+        if not k.startswith("dynamics/"):
+            torch.testing.assert_close(obs.compute()[k], v, msg=lambda m, k=k: f"{k}: {m}")
