@@ -81,12 +81,18 @@ def main(argv: list[str] | None = None) -> dict:
         "quick": args.quick,
         "torch": torch.__version__,
     }
-    print(f"model: {res['params'] / 1e6:.1f}M parameters, batch {batch[0]}x{batch[1]}, AdamW, 1 CPU thread, {reps} reps")
+    print(
+        f"model: {res['params'] / 1e6:.1f}M parameters, batch {batch[0]}x{batch[1]}, AdamW, 1 CPU thread, {reps} reps"
+    )
     print(f"train step      {res['train_step_ms_median']:9.1f} ms (median)")
-    print(f"per step: compute(spectra=False) + units + trajectory {res['compute_ms_median']:7.1f} ms (median; min "
-          f"{res['compute_ms_min']:.1f}, max {res['compute_ms_max']:.1f}) -> {100 * res['ratio']:.2f} % of a step")
-    print(f"log step: compute(spectra=True) + units + trajectory  {res['compute_with_spectra_ms_median']:7.1f} ms"
-          f" -> {100 * res['ratio_with_spectra']:.2f} % of a step; {res['observables']} observables")
+    print(
+        f"per step: compute(spectra=False) + units + trajectory {res['compute_ms_median']:7.1f} ms (median; min "
+        f"{res['compute_ms_min']:.1f}, max {res['compute_ms_max']:.1f}) -> {100 * res['ratio']:.2f} % of a step"
+    )
+    print(
+        f"log step: compute(spectra=True) + units + trajectory  {res['compute_with_spectra_ms_median']:7.1f} ms"
+        f" -> {100 * res['ratio_with_spectra']:.2f} % of a step; {res['observables']} observables"
+    )
     if not args.quick:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")

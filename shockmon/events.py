@@ -42,11 +42,11 @@ class ShockEvent:
         units: indices (module order) of the units most involved, possibly empty.
 
     Example:
-        >>> e = ShockEvent(EventKind.FORECAST, "mlp.0", "particle", 120, 180.0, 4.2, (3, 17))
+        >>> e = ShockEvent(EventKind.FORECAST, "mlp.0", "particle", 120, 180.0, 4.2, (3,))
         >>> e.lead
         60.0
         >>> print(e.message)
-        forecast in mlp.0 (particle) at step 120: shock predicted at step 180 (in 60 steps), strength 4.20, units [3, 17]
+        forecast in mlp.0 (particle) at step 120: shock predicted at step 180 (in 60 steps), strength 4.20, units [3]
     """
 
     kind: EventKind

@@ -7,7 +7,8 @@ can be reduced across ranks before they are finished.
 
 Example (path masses of a two-layer ReLU net are invariant under per-unit rescaling):
     >>> import torch
-    >>> w1, b1, w2 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    >>> f64 = torch.float64
+    >>> w1, b1, w2 = torch.randn(5, 3, dtype=f64), torch.randn(5, dtype=f64), torch.randn(2, 5, dtype=f64)
     >>> a = torch.rand(5, dtype=torch.float64) + 0.5
     >>> pi = path_masses([w1.square(), w2.square()], [b1.square(), None])[0][0]
     >>> pi2 = path_masses([(a[:, None] * w1).square(), (w2 / a).square()], [(a * b1).square(), None])[0][0]
@@ -133,9 +134,11 @@ def balance_scales(
     """
     n_hidden = len(sq_ops) - 1
     dtype, device = sq_ops[0].dtype, sq_ops[0].device
-    r = [t.clone() for t in init] if init is not None else [
-        torch.ones(sq_ops[k].shape[0], dtype=dtype, device=device) for k in range(n_hidden)
-    ]
+    r = (
+        [t.clone() for t in init]
+        if init is not None
+        else [torch.ones(sq_ops[k].shape[0], dtype=dtype, device=device) for k in range(n_hidden)]
+    )
 
     def incoming(k: int) -> torch.Tensor:
         prev = r[k - 1].reciprocal() if k > 0 else torch.ones(sq_ops[0].shape[1], dtype=dtype, device=device)
@@ -160,9 +163,10 @@ def balance_scales(
 
 @torch.no_grad()
 def participation_ratio(x: torch.Tensor) -> torch.Tensor:
-    """``(Σx)² / (n Σx²)`` of non-negative values: 1 when all equal, ``1/n`` when one dominates (a fraction of units)."""
+    """``(Σx)² / (n Σx²)`` of non-negative values: 1 when all equal, ``1/n`` when one dominates (a fraction of
+    units)."""
     s = x.sum()
-    return (s * s / (x.numel() * x.square().sum()).clamp_min(_TINY))
+    return s * s / (x.numel() * x.square().sum()).clamp_min(_TINY)
 
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:
@@ -371,8 +375,11 @@ def chain_rounds(
             zz = z[:, r0:r1] @ sq[bk]  # type: ignore[index]
             if bk == m:
                 zz = torch.cat([zz, signed_last(e)])  # type: ignore[arg-type]
-                parts.append((sqb[m] * e[r0:r1]).sum()[None] if sqb[m] is not None  # type: ignore[index]
-                             else torch.zeros(1, dtype=dtype, device=device))
+                parts.append(
+                    (sqb[m] * e[r0:r1]).sum()[None]
+                    if sqb[m] is not None  # type: ignore[index]
+                    else torch.zeros(1, dtype=dtype, device=device)
+                )
                 tags.append("bias_paths")
             parts.append(zz)
             tags.append("b")
@@ -401,8 +408,16 @@ def chain_rounds(
     in_dirs = [first.t()] + [fwd[k][2:c].t() for k in range(1, m)]
     out_dirs = [bwd[k + 1][2:].t() for k in range(m - 1)] + [last.t()]
     row_profile = fwd[m][2:c].t() if need_fwd_m else None
-    return ChainPass(masses, path_norm_sq, e, [fwd[k][1] for k in range(m)], [bwd[k + 1][1] for k in range(m)],
-                     in_dirs, out_dirs, row_profile)
+    return ChainPass(
+        masses,
+        path_norm_sq,
+        e,
+        [fwd[k][1] for k in range(m)],
+        [bwd[k + 1][1] for k in range(m)],
+        in_dirs,
+        out_dirs,
+        row_profile,
+    )
 
 
 def run_local(gen: Generator[Partials, Partials, Any]) -> Any:
@@ -430,5 +445,8 @@ def chain_pass(
     """:func:`chain_rounds` for full (unsharded) weights, in one process."""
     spans = [(0, w.shape[0], w.shape[0]) for w in weights]
     with torch.no_grad():
-        return run_local(chain_rounds(weights, biases, spans, kinds, in_blocks, p_first, p_sq_in, p_last, p_sq_out,
-                                      end_norm, end_groups))
+        return run_local(
+            chain_rounds(
+                weights, biases, spans, kinds, in_blocks, p_first, p_sq_in, p_last, p_sq_out, end_norm, end_groups
+            )
+        )

@@ -172,15 +172,17 @@ class Observer:
                 if hi > lo and (lo % dh or (hi % dh and hi != n)):
                     raise ValueError(
                         f"the shards of {ref} split an attention head of {att.name!r} (rows [{lo}, {hi}) held here, "
-                        f"d_head={dh}): shard so that {att.num_heads} heads fall on whole row blocks (e.g. a world size "
+                        f"d_head={dh}): shard so that {att.num_heads} heads fall on whole row blocks (e.g. a world "
+                        "size "
                         "dividing the number of heads) or declare the projections separately"
                     )
 
     def _device(self) -> torch.device:
         return self.rows.local(next(iter(self._params))).device
 
-    def _projection(self, key: str, d_in: int, d_out: int, device: torch.device, k: int | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _projection(
+        self, key: str, d_in: int, d_out: int, device: torch.device, k: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.proj_dim if k is None else k
         p = self._proj.get(key)
         if p is None or p[0].shape != (d_in, k) or p[1].shape[0] != d_out or p[0].device != device:
@@ -235,11 +237,24 @@ class Observer:
         n_in_last = ws[-1].shape[1] // last.in_blocks if last.kind == "linear" else ws[-1].shape[1]
         dev = ws[0].device
         p_first, p_sq_in = self._projection(f"rescale-in/{chain.name}", d_first, d_in, dev)
-        p_last, p_sq_out = self._projection(f"rescale-out/{chain.name}", spans[-1][2] * row_size[-1] // n_in_last,
-                                            spans[-1][2], dev)
-        return (yield from O.chain_rounds(ws, bs, spans, [lay.kind for lay in chain.layers],
-                                          [lay.in_blocks for lay in chain.layers], p_first, p_sq_in, p_last, p_sq_out,
-                                          chain.end_norm, chain.end_groups))
+        p_last, p_sq_out = self._projection(
+            f"rescale-out/{chain.name}", spans[-1][2] * row_size[-1] // n_in_last, spans[-1][2], dev
+        )
+        return (
+            yield from O.chain_rounds(
+                ws,
+                bs,
+                spans,
+                [lay.kind for lay in chain.layers],
+                [lay.in_blocks for lay in chain.layers],
+                p_first,
+                p_sq_in,
+                p_last,
+                p_sq_out,
+                chain.end_norm,
+                chain.end_groups,
+            )
+        )
 
     def _weight_grams(self, ref: Any, w: torch.Tensor, heads: int, cols: bool = False) -> torch.Tensor:
         """``O.head_grams(w, heads, cols=cols)`` of the local rows ``w`` of ``ref``.
@@ -336,8 +351,9 @@ class Observer:
             self._units[f"rescale/{g}"] = torch.cat([0.25 * pi.clamp_min(_TINY).log()[:, None], dirs], dim=1)
             out[f"{pre}/direction_coherence"] = O.direction_coherence(dirs)
 
-    def _finish_attention(self, spec: AttentionSpec, grams: tuple[torch.Tensor, ...], spectra: bool,
-                          out: dict[str, torch.Tensor]) -> None:
+    def _finish_attention(
+        self, spec: AttentionSpec, grams: tuple[torch.Tensor, ...], spectra: bool, out: dict[str, torch.Tensor]
+    ) -> None:
         gq, gk, gv, go = grams
         units = []
         for fam, ga, gb in (("attention_qk", gq, gk), ("attention_vo", gv, go)):
@@ -361,8 +377,9 @@ class Observer:
         for name, g in (("q", gq), ("k", gk), ("v", gv), ("o", go)):
             out[f"raw/{spec.name}/{name}"] = g.diagonal(dim1=-2, dim2=-1).sum().clamp_min(0).sqrt()
 
-    def _finish_normscale(self, spec: NormScaleSpec, res: dict[str, Any], lr: Any,
-                          out: dict[str, torch.Tensor]) -> None:
+    def _finish_normscale(
+        self, spec: NormScaleSpec, res: dict[str, Any], lr: Any, out: dict[str, torch.Tensor]
+    ) -> None:
         # rows that read hidden units of a rescaling chain move under those units' rescaling: their invariant
         # directions are the squared-path profiles computed with the chain
         rows = self._row_profiles.get(spec.name, res.get("proj"))
@@ -373,7 +390,8 @@ class Observer:
         if self.angular_step:
             cos = res.get("cos")
             out[f"dynamics/normscale/{spec.name}/angular_step"] = (
-                cos.clamp(-1, 1).acos() if cos is not None else _nan(res["sq_norm"]))
+                cos.clamp(-1, 1).acos() if cos is not None else _nan(res["sq_norm"])
+            )
         if spec.per == "row":
             self._units[f"normscale/{spec.name}"] = _unit_rows(rows[:, : self.proj_dim])
 
@@ -438,8 +456,10 @@ class Observer:
         for chain in self.report.chains:
             ws = [self.rows.rows(lay.weight, self.dtype)[0] for lay in chain.layers]
             sq = [O.squared_operator(w, lay.kind, lay.in_blocks) for w, lay in zip(ws, chain.layers)]
-            sqb = [self.rows.rows(lay.bias, self.dtype)[0].square() if lay.bias is not None else None
-                   for lay in chain.layers]
+            sqb = [
+                self.rows.rows(lay.bias, self.dtype)[0].square() if lay.bias is not None else None
+                for lay in chain.layers
+            ]
             _, _, end_w = O.path_masses(sq, sqb, chain.end_norm, chain.end_groups)
             sq_bal = sq[:-1] + [sq[-1] * end_w[:, None]]
             init = self._r.get(chain.name)
@@ -475,8 +495,7 @@ class Observer:
                 lay = chain.layers[group.index]
                 ps = [pair(lay.weight)] + ([pair(lay.bias)] if lay.bias is not None else [])
                 if all(p is not None for p in ps):
-                    tot = torch.stack([torch.linalg.vector_norm(w * g).square()
-                                       for w, g in ps])  # type: ignore[misc]
+                    tot = torch.stack([torch.linalg.vector_norm(w * g).square() for w, g in ps])  # type: ignore[misc]
                     gens[f"quotient/rescale/{group.name}/grad_norm"] = one([tot.sum()[None]])
         for ns in self.report.norm_scales:
             p = pair(ns.weight)
@@ -485,14 +504,16 @@ class Observer:
             w, g = (t.flatten(1) if t.dim() > 1 else t[:, None] for t in p)
             if ns.per == "row":
                 gens[f"quotient/normscale/{ns.name}/grad_norm"] = one(
-                    [(w.square().sum(1) * g.square().sum(1)).sum()[None]])
+                    [(w.square().sum(1) * g.square().sum(1)).sum()[None]]
+                )
             else:
                 groups = ns.groups if ns.per == "group" else 1
                 r0, r1, n = rows.rows(ns.weight, dt)[1]
                 idx = (torch.arange(r0, r1, device=w.device) * groups) // max(n, 1)
                 stats = torch.stack([w.square().sum(1), g.square().sum(1)])
                 gens[f"quotient/normscale/{ns.name}/grad_norm"] = one(
-                    [torch.zeros(2, groups, dtype=dt, device=w.device).index_add_(1, idx, stats)])
+                    [torch.zeros(2, groups, dtype=dt, device=w.device).index_add_(1, idx, stats)]
+                )
         for att in self.report.attentions:
             ps = [pair(r) for r in (att.q, att.k, att.v, att.o)]
             if any(p is None for p in ps):
@@ -508,8 +529,12 @@ class Observer:
             qk = (local_heads(att.q, q, gq) + local_heads(att.k, k, gk))[None]
             gens[f"quotient/attention_qk/{att.name}/grad_norm"] = one([qk])
             gens[f"quotient/attention_vo/{att.name}/grad_norm"] = one(
-                [local_heads(att.v, v, gv)[None], self._weight_grams(att.o, o, h, cols=True),
-                 O.head_grams(go, h, cols=True)])
+                [
+                    local_heads(att.v, v, gv)[None],
+                    self._weight_grams(att.o, o, h, cols=True),
+                    O.head_grams(go, h, cols=True),
+                ]
+            )
         res = self._drive(gens)
         out: dict[str, torch.Tensor] = {}
         for key, got in res.items():
@@ -530,7 +555,8 @@ class Observer:
         """
         if self._trajectory_keys is None:
             self._trajectory_keys = sorted(
-                k for k, v in values.items()
+                k
+                for k, v in values.items()
                 if k.startswith("quotient/") and v.dim() == 0 and not k.endswith(("grad_norm", "top_singular"))
             )
         if not self._trajectory_keys:
@@ -551,11 +577,14 @@ class Observer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (tensors moved to the parameters' device)."""
         if not isinstance(state, Mapping) or "version" not in state:
-            raise ValueError("Expected an Observer state dict with a `version` field, but got "
-                             f"{type(state).__name__} without one")
+            raise ValueError(
+                f"Expected an Observer state dict with a `version` field, but got {type(state).__name__} without one"
+            )
         if state["version"] > _STATE_VERSION:
-            raise ValueError(f"Observer state version {state['version']} is newer than this shockmon "
-                             f"(supports up to {_STATE_VERSION})")
+            raise ValueError(
+                f"Observer state version {state['version']} is newer than this shockmon "
+                f"(supports up to {_STATE_VERSION})"
+            )
         dev = self._device()
         self._r = {k: [t.to(dev, self.dtype) for t in v] for k, v in state.get("r", {}).items()}
         self._balancedness = {k: v.to(dev, self.dtype) for k, v in state.get("balancedness", {}).items()}

@@ -99,7 +99,9 @@ class ParamRef:
     def parse(cls, text: str, argument: str = "param") -> ParamRef:
         """Parse ``"path.weight"`` or ``"path.weight[a:b]"``."""
         if not isinstance(text, str):
-            raise TypeError(f"Expected argument `{argument}` to be a parameter name (str), but got {type(text).__name__}")
+            raise TypeError(
+                f"Expected argument `{argument}` to be a parameter name (str), but got {type(text).__name__}"
+            )
         m = _ROWSLICE.match(text.strip())
         if m is None:
             raise ValueError(
@@ -125,7 +127,9 @@ class ParamRef:
         if self.name not in params:
             close = [n for n in params if n.split(".")[-1] == self.name.split(".")[-1]][:5]
             hint = f"; parameters with that leaf name: {close}" if close else ""
-            raise ValueError(f"Expected argument `{argument}` to name a parameter of the model, but got {self.name!r}{hint}")
+            raise ValueError(
+                f"Expected argument `{argument}` to name a parameter of the model, but got {self.name!r}{hint}"
+            )
         t = params[self.name]
         if self.start is not None or self.stop is not None:
             rows = t.shape[0] if t.dim() else 0
@@ -276,7 +280,8 @@ class Rescaling:
         so = out.validate(params, "out")
         if len(si) != 2 or len(so) != 2:
             raise ValueError(
-                f"Expected arguments `inp` and `out` of Rescaling to be 2-D (Linear layout), but got shapes {tuple(si)} "
+                f"Expected arguments `inp` and `out` of Rescaling to be 2-D (Linear layout), but got shapes "
+                f"{tuple(si)} "
                 f"and {tuple(so)}"
             )
         if so[1] != si[0]:
@@ -345,12 +350,17 @@ class AttentionHeads:
             if shapes[a][0] != width:
                 raise ValueError(f"Expected `{a}` ({refs[a]}) to have {width} rows like `q`, but got {shapes[a][0]}")
         if shapes["q"][1] != shapes["k"][1]:
-            raise ValueError(f"Expected `q` and `k` to read the same input width, but got {shapes['q'][1]} and {shapes['k'][1]}")
+            raise ValueError(
+                f"Expected `q` and `k` to read the same input width, but got {shapes['q'][1]} and {shapes['k'][1]}"
+            )
         if shapes["o"][1] != width:
-            raise ValueError(f"Expected `o` ({refs['o']}) to have {width} columns (num_heads*d_head), but got {shapes['o'][1]}")
+            raise ValueError(
+                f"Expected `o` ({refs['o']}) to have {width} columns (num_heads*d_head), but got {shapes['o'][1]}"
+            )
         if width % self.num_heads:
             raise ValueError(
-                f"Expected argument `num_heads` to divide the attention width {width}, but got num_heads={self.num_heads}"
+                f"Expected argument `num_heads` to divide the attention width {width}, but got "
+                f"num_heads={self.num_heads}"
             )
         biases: dict[str, ParamRef | None] = {}
         for a in ("q_bias", "k_bias", "v_bias"):
@@ -363,8 +373,9 @@ class AttentionHeads:
             if tuple(s) != (width,):
                 raise ValueError(f"Expected `{a}` ({r}) to have shape ({width},), but got {tuple(s)}")
             biases[a] = r
-        return AttentionSpec(str(self.name), refs["q"], refs["k"], refs["v"], refs["o"], self.num_heads, declared=True,
-                             **biases)
+        return AttentionSpec(
+            str(self.name), refs["q"], refs["k"], refs["v"], refs["o"], self.num_heads, declared=True, **biases
+        )
 
 
 @dataclass(frozen=True)
@@ -429,7 +440,9 @@ def load_declarations(source: str | Path | Sequence[Mapping[str, Any]]) -> list[
 
         path = Path(source)
         if not path.is_file():
-            raise ValueError(f"Expected argument `source` to be a YAML file of declarations, but {str(path)!r} does not exist")
+            raise ValueError(
+                f"Expected argument `source` to be a YAML file of declarations, but {str(path)!r} does not exist"
+            )
         data = yaml.safe_load(path.read_text())
         if isinstance(data, Mapping):
             data = data.get("symmetries", data.get("declarations"))
@@ -512,14 +525,20 @@ class SymmetryReport:
         rows = self.rows()
         widths = [max([len(head[i])] + [len(r[i]) for r in rows]) for i in range(4)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [f"shockmon symmetry summary: {self.model_name}", fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines = [
+            f"shockmon symmetry summary: {self.model_name}",
+            fmt.format(*head),
+            fmt.format(*("-" * w for w in widths)),
+        ]
         lines += [fmt.format(*r) for r in rows]
         if not rows:
             lines.append("(no symmetry found; searched for " + _SEARCHED + ")")
         unc = self.uncovered
         n_cov = len(self.parameters) - len(unc)
-        lines.append(f"{n_cov} of {len(self.parameters)} parameters covered by a symmetry; raw only: "
-                     + (", ".join(unc[:12]) + (f", ... (+{len(unc) - 12})" if len(unc) > 12 else "") if unc else "none"))
+        lines.append(
+            f"{n_cov} of {len(self.parameters)} parameters covered by a symmetry; raw only: "
+            + (", ".join(unc[:12]) + (f", ... (+{len(unc) - 12})" if len(unc) > 12 else "") if unc else "none")
+        )
         return "\n".join(lines)
 
     def _cover(self, ref: ParamRef | None, family: str) -> None:
@@ -771,9 +790,11 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
 
 def _check_unique(report: SymmetryReport) -> None:
     names: dict[str, str] = {}
-    for fam, items in (("rescale", [g.name for g in report.rescale_groups()]),
-                       ("attention", [a.name for a in report.attentions]),
-                       ("normscale", [n.name for n in report.norm_scales])):
+    for fam, items in (
+        ("rescale", [g.name for g in report.rescale_groups()]),
+        ("attention", [a.name for a in report.attentions]),
+        ("normscale", [n.name for n in report.norm_scales]),
+    ):
         for n in items:
             key = f"{fam}/{n}"
             if key in names:

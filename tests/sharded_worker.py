@@ -69,7 +69,8 @@ def worker(rank: int, world: int, port: int, name: str, out: str) -> None:
         done: list[str] = []
         for path, mod in model.named_modules():
             if isinstance(mod, (nn.MultiheadAttention, nn.Linear, nn.Conv2d)) and not any(
-                    path.startswith(d + ".") for d in done):
+                path.startswith(d + ".") for d in done
+            ):
                 fully_shard(mod, mesh=mesh)
                 done.append(path)
         fully_shard(model, mesh=mesh)

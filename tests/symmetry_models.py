@@ -11,7 +11,10 @@ from torch import nn
 
 def mlp() -> nn.Module:
     return nn.Sequential(
-        nn.Linear(6, 12), nn.ReLU(), nn.Sequential(nn.Linear(12, 10), nn.LeakyReLU(0.1)), nn.Dropout(0.0),
+        nn.Linear(6, 12),
+        nn.ReLU(),
+        nn.Sequential(nn.Linear(12, 10), nn.LeakyReLU(0.1)),
+        nn.Dropout(0.0),
         nn.Linear(10, 4),
     )
 
@@ -19,9 +22,17 @@ def mlp() -> nn.Module:
 def cnn() -> nn.Module:
     """Conv -> BN -> ReLU -> Conv -> BN -> ReLU -> MaxPool -> Conv -> ReLU -> AvgPool -> Flatten -> Linear."""
     m = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 5, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
         nn.Linear(5 * 4, 3),
     )
     for mod in m:
@@ -62,10 +73,17 @@ class FusedBlock(nn.Module):
 
         d = 16
         return [
-            AttentionHeads(q=f"{prefix}qkv.weight[0:{d}]", k=f"{prefix}qkv.weight[{d}:{2 * d}]",
-                           v=f"{prefix}qkv.weight[{2 * d}:{3 * d}]", o=f"{prefix}proj.weight", num_heads=4,
-                           q_bias=f"{prefix}qkv.bias[0:{d}]", k_bias=f"{prefix}qkv.bias[{d}:{2 * d}]",
-                           v_bias=f"{prefix}qkv.bias[{2 * d}:{3 * d}]", name=f"{prefix}attn"),
+            AttentionHeads(
+                q=f"{prefix}qkv.weight[0:{d}]",
+                k=f"{prefix}qkv.weight[{d}:{2 * d}]",
+                v=f"{prefix}qkv.weight[{2 * d}:{3 * d}]",
+                o=f"{prefix}proj.weight",
+                num_heads=4,
+                q_bias=f"{prefix}qkv.bias[0:{d}]",
+                k_bias=f"{prefix}qkv.bias[{d}:{2 * d}]",
+                v_bias=f"{prefix}qkv.bias[{2 * d}:{3 * d}]",
+                name=f"{prefix}attn",
+            ),
             Rescaling(inp=f"{prefix}fc.weight", out=f"{prefix}out.weight", inp_bias=f"{prefix}fc.bias"),
         ]
 
@@ -86,8 +104,9 @@ def rand_gl(d: int, g: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rescale_units(w_in: nn.Module, w_out: nn.Module, a: torch.Tensor, perm: torch.Tensor | None = None,
-                  in_blocks: int = 1) -> None:
+def rescale_units(
+    w_in: nn.Module, w_out: nn.Module, a: torch.Tensor, perm: torch.Tensor | None = None, in_blocks: int = 1
+) -> None:
     """Hidden units between two layers: incoming rows (and bias) × a, outgoing columns / a, then permute."""
     shape = (-1,) + (1,) * (w_in.weight.dim() - 1)
     w_in.weight.mul_(a.view(shape))
@@ -121,9 +140,18 @@ def scale_rows(layer: nn.Module, c: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def attention_gauge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, heads: int,
-                    g: torch.Generator, qb: torch.Tensor | None = None, kb: torch.Tensor | None = None,
-                    vb: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> None:
+def attention_gauge(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    heads: int,
+    g: torch.Generator,
+    qb: torch.Tensor | None = None,
+    kb: torch.Tensor | None = None,
+    vb: torch.Tensor | None = None,
+    perm: torch.Tensor | None = None,
+) -> None:
     """In place: per head Q -> A Q, K -> A^-T K, V -> B V, O -> O B^-1; then permute heads."""
     dh = q.shape[0] // heads
     for h in range(heads):

@@ -7,10 +7,19 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from symmetry_models import (
+    FusedBlock,
+    attention_gauge,
+    cnn,
+    mlp,
+    rand_scales,
+    rescale_units,
+    scale_rows,
+    transformer_layer,
+)
 from torch import nn
 
 from shockmon import Observer, discover
-from symmetry_models import FusedBlock, attention_gauge, cnn, mlp, rand_scales, rescale_units, scale_rows, transformer_layer
 
 torch.set_num_threads(1)
 
@@ -39,20 +48,46 @@ def _transformer_action(m: nn.Module, g: torch.Generator) -> None:
     a = m.self_attn
     e = a.embed_dim
     w, b = a.in_proj_weight.data, a.in_proj_bias.data
-    attention_gauge(w[:e], w[e:2 * e], w[2 * e:], a.out_proj.weight.data, a.num_heads, g, b[:e], b[e:2 * e], b[2 * e:],
-                    perm=torch.randperm(a.num_heads, generator=g))
-    rescale_units(m.linear1, m.linear2, rand_scales(m.linear1.out_features, g),
-                  torch.randperm(m.linear1.out_features, generator=g))
+    attention_gauge(
+        w[:e],
+        w[e : 2 * e],
+        w[2 * e :],
+        a.out_proj.weight.data,
+        a.num_heads,
+        g,
+        b[:e],
+        b[e : 2 * e],
+        b[2 * e :],
+        perm=torch.randperm(a.num_heads, generator=g),
+    )
+    rescale_units(
+        m.linear1,
+        m.linear2,
+        rand_scales(m.linear1.out_features, g),
+        torch.randperm(m.linear1.out_features, generator=g),
+    )
 
 
 def _fused_action(m: nn.Module, g: torch.Generator) -> None:
     w, b = m.qkv.weight.data, m.qkv.bias.data
-    attention_gauge(w[:16], w[16:32], w[32:], m.proj.weight.data, 4, g, b[:16], b[16:32], b[32:],
-                    perm=torch.randperm(4, generator=g))
+    attention_gauge(
+        w[:16],
+        w[16:32],
+        w[32:],
+        m.proj.weight.data,
+        4,
+        g,
+        b[:16],
+        b[16:32],
+        b[32:],
+        perm=torch.randperm(4, generator=g),
+    )
     rescale_units(m.fc, m.out, rand_scales(32, g), torch.randperm(32, generator=g))
 
 
-CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module, torch.Generator], None], tuple[int, ...], list | None]] = {
+CASES: dict[
+    str, tuple[Callable[[], nn.Module], Callable[[nn.Module, torch.Generator], None], tuple[int, ...], list | None]
+] = {
     "mlp": (mlp, _mlp_action, (17, 6), None),
     "cnn_batchnorm_pooled": (cnn, _cnn_action, (9, 3, 8, 8), None),
     "transformer_layer": (transformer_layer, _transformer_action, (3, 5, 16), None),
@@ -131,7 +166,7 @@ def test_observer_path_norm_matches_bruteforce() -> None:
     w1, b1, w2 = m[0].weight, m[0].bias, m[2].weight
     brute = sum(w2[j, i] ** 2 * (sum(w1[i, c] ** 2 for c in range(3)) + b1[i] ** 2) for j in range(2) for i in range(4))
     got = Observer(m).compute()["quotient/rescale/0/path_norm"]
-    torch.testing.assert_close(got ** 2, brute.detach())
+    torch.testing.assert_close(got**2, brute.detach())
 
 
 def test_observer_attention_matches_dense_product() -> None:
@@ -140,20 +175,25 @@ def test_observer_attention_matches_dense_product() -> None:
     a = nn.MultiheadAttention(12, 3, bias=False).double()
     vals = Observer(a).compute()
     e, dh = 12, 4
-    q, k = a.in_proj_weight[:e], a.in_proj_weight[e:2 * e]
-    dense = torch.stack([(q[h * dh:(h + 1) * dh].t() @ k[h * dh:(h + 1) * dh]) for h in range(3)])
+    q, k = a.in_proj_weight[:e], a.in_proj_weight[e : 2 * e]
+    dense = torch.stack([(q[h * dh : (h + 1) * dh].t() @ k[h * dh : (h + 1) * dh]) for h in range(3)])
     norms = dense.flatten(1).norm(dim=1).sort().values
     torch.testing.assert_close(vals["quotient/attention_qk/model/head_norms/sorted"], norms.detach())
     sv = torch.linalg.svdvals(dense)[:, :dh].flatten().sort().values
-    torch.testing.assert_close(vals["quotient/attention_qk/model/singular_values/sorted"], sv.detach(), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(
+        vals["quotient/attention_qk/model/singular_values/sorted"], sv.detach(), rtol=1e-6, atol=1e-8
+    )
     s = torch.linalg.svdvals(dense)
     eff = (s.square().sum(1).square() / s.pow(4).sum(1)).mean()
     torch.testing.assert_close(vals["quotient/attention_qk/model/effective_rank"], eff.detach())
     # without spectra: the same keys less the two spectral ones, and the same trajectory length
     obs = Observer(a)
     cheap = obs.compute(spectra=False)
-    assert set(vals) - set(cheap) == {f"quotient/{f}/model/{k}" for f in ("attention_qk", "attention_vo")
-                                      for k in ("singular_values/sorted", "top_singular")}
+    assert set(vals) - set(cheap) == {
+        f"quotient/{f}/model/{k}"
+        for f in ("attention_qk", "attention_vo")
+        for k in ("singular_values/sorted", "top_singular")
+    }
     assert obs.trajectory(cheap).shape == obs.trajectory(obs.compute()).shape
 
 
@@ -248,7 +288,9 @@ def test_observer_dynamics_and_state_roundtrip() -> None:
     assert 0 < step < 0.5
     for k in second:
         torch.testing.assert_close(second2[k], second[k], equal_nan=True)
-    torch.testing.assert_close(second["dynamics/normscale/0/effective_lr"], 0.1 / model[0].weight.detach().square().sum())
+    torch.testing.assert_close(
+        second["dynamics/normscale/0/effective_lr"], 0.1 / model[0].weight.detach().square().sum()
+    )
 
 
 def test_observer_trajectory_fixed_order() -> None:

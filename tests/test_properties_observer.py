@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from symmetry_models import attention_gauge, rand_scales, rescale_units
 from torch import nn
 
 from shockmon import Observer
-from symmetry_models import attention_gauge, rand_scales, rescale_units
 
 settings.register_profile("ci", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -69,9 +68,18 @@ def test_property_attention_quotient_invariant(heads: int, d_head: int, bias: bo
     moved = copy.deepcopy(a)
     w = moved.in_proj_weight.data
     b = moved.in_proj_bias.data if bias else None
-    attention_gauge(w[:e], w[e:2 * e], w[2 * e:], moved.out_proj.weight.data, heads, g,
-                    None if b is None else b[:e], None if b is None else b[e:2 * e], None if b is None else b[2 * e:],
-                    perm=torch.randperm(heads, generator=g))
+    attention_gauge(
+        w[:e],
+        w[e : 2 * e],
+        w[2 * e :],
+        moved.out_proj.weight.data,
+        heads,
+        g,
+        None if b is None else b[:e],
+        None if b is None else b[e : 2 * e],
+        None if b is None else b[2 * e :],
+        perm=torch.randperm(heads, generator=g),
+    )
     torch.testing.assert_close(moved(x, x, x, need_weights=False)[0], y, rtol=1e-6, atol=1e-9)
     after = Observer(moved).compute()
     for k, v in before.items():

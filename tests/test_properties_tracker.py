@@ -71,7 +71,9 @@ def test_property_tracker_never_raises_and_roundtrips(case) -> None:  # type: ig
     resumed = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # size changes warn by design
-        for step, groups, traj in _feed(shapes, steps, seed, contraction, noise, bad_step, resize_step, scale, traj_dim):
+        for step, groups, traj in _feed(
+            shapes, steps, seed, contraction, noise, bad_step, resize_step, scale, traj_dim
+        ):
             full.update(step, groups, trajectory=traj)
             events_full += full.poll()
             _check_outputs(full)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import socket
 
 import pytest
+import sharded_worker
 import torch
 import torch.multiprocessing as mp
-
-import sharded_worker
 
 
 def _free_port() -> int:
@@ -33,8 +32,9 @@ def test_sharded_observables_equal_unsharded(name: str, tmp_path) -> None:  # ty
     for res in ranks:
         assert set(keys) <= set(res)
         for k in keys:
-            torch.testing.assert_close(res[k], ref[k], rtol=1e-5, atol=1e-6, equal_nan=True,
-                                       msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(
+                res[k], ref[k], rtol=1e-5, atol=1e-6, equal_nan=True, msg=lambda m, k=k: f"{k}: {m}"
+            )
     assert ranks[0]["bytes"].item() == ranks[1]["bytes"].item() > 0
 
 

@@ -5,17 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from symmetry_models import FusedBlock, cnn, mlp, transformer_layer
 from torch import nn
 
 import shockmon
 from shockmon import AttentionHeads, NormScale, Rescaling, discover
 from shockmon.symmetry import ParamRef, load_declarations
-from symmetry_models import FusedBlock, cnn, mlp, transformer_layer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +41,14 @@ def test_discover_transformer_layer() -> None:
     assert [a.name for a in r.attentions] == ["self_attn"] and r.attentions[0].num_heads == 4
     assert [g.name for g in r.rescale_groups()] == ["linear1"]
     # layer norms and the output bias have no symmetry found here: they stay raw, and the report says so
-    assert set(r.uncovered) == {"linear2.bias", "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias",
-                                "self_attn.out_proj.bias"}
+    assert set(r.uncovered) == {
+        "linear2.bias",
+        "norm1.weight",
+        "norm1.bias",
+        "norm2.weight",
+        "norm2.bias",
+        "self_attn.out_proj.bias",
+    }
     text = str(r)
     assert "attention" in text and "raw only: " in text and "norm1.weight" in text
 
@@ -58,7 +63,9 @@ def test_discover_gelu_is_not_rescaling() -> None:
 
 
 def test_discover_layernorm_after_linear_is_tensor_scale() -> None:
-    r = discover(nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2)))
+    r = discover(
+        nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2))
+    )
     assert [(n.name, n.per) for n in r.norm_scales] == [("2", "tensor")]
     assert [(c.name, c.end_norm) for c in r.chains] == [("0", "tensor"), ("3", "none")]
 
@@ -69,7 +76,8 @@ def test_discover_declarations_python_and_yaml(tmp_path: Path) -> None:
     assert [a.name for a in r.attentions] == ["attn"] and [g.name for g in r.rescale_groups()] == ["fc"]
     assert r.uncovered == ["proj.bias", "out.bias"]
     y = tmp_path / "decl.yaml"
-    y.write_text(textwrap.dedent("""
+    y.write_text(
+        textwrap.dedent("""
         symmetries:
           - type: attention_heads
             q: qkv.weight[0:16]
@@ -82,7 +90,8 @@ def test_discover_declarations_python_and_yaml(tmp_path: Path) -> None:
             inp: fc.weight
             inp_bias: fc.bias
             out: out.weight
-    """))
+    """)
+    )
     r2 = discover(block, extra=str(y))
     assert [a.name for a in r2.attentions] == ["qkv"] and [g.name for g in r2.rescale_groups()] == ["fc"]
 
@@ -97,24 +106,59 @@ def test_discover_shipped_yaml_config_loads() -> None:
     [
         (lambda: discover("model"), TypeError, "`model` to be a torch.nn.Module"),
         (lambda: discover(nn.ReLU()), ValueError, "at least one parameter"),
-        (lambda: discover(FusedBlock(), extra=[Rescaling(inp="fc.weight", out="nope.weight")]), ValueError,
-         "`out` to name a parameter of the model, but got 'nope.weight'"),
-        (lambda: discover(FusedBlock(), extra=[AttentionHeads(q="qkv.weight[0:16]", k="qkv.weight[16:32]",
-                                                              v="qkv.weight[32:48]", o="proj.weight", num_heads=5)]),
-         ValueError, "`num_heads` to divide the attention width 16, but got num_heads=5"),
-        (lambda: discover(FusedBlock(), extra=[AttentionHeads(q="qkv.weight[0:99]", k="qkv.weight[16:32]",
-                                                              v="qkv.weight[32:48]", o="proj.weight", num_heads=4)]),
-         ValueError, r"slice rows within \[0, 48\)"),
+        (
+            lambda: discover(FusedBlock(), extra=[Rescaling(inp="fc.weight", out="nope.weight")]),
+            ValueError,
+            "`out` to name a parameter of the model, but got 'nope.weight'",
+        ),
+        (
+            lambda: discover(
+                FusedBlock(),
+                extra=[
+                    AttentionHeads(
+                        q="qkv.weight[0:16]", k="qkv.weight[16:32]", v="qkv.weight[32:48]", o="proj.weight", num_heads=5
+                    )
+                ],
+            ),
+            ValueError,
+            "`num_heads` to divide the attention width 16, but got num_heads=5",
+        ),
+        (
+            lambda: discover(
+                FusedBlock(),
+                extra=[
+                    AttentionHeads(
+                        q="qkv.weight[0:99]", k="qkv.weight[16:32]", v="qkv.weight[32:48]", o="proj.weight", num_heads=4
+                    )
+                ],
+            ),
+            ValueError,
+            r"slice rows within \[0, 48\)",
+        ),
         (lambda: AttentionHeads(q="a.w", k="b.w", v="c.w", o="d.w", num_heads=0), ValueError, "`num_heads`"),
         (lambda: NormScale(weight="a.w", per="rows"), ValueError, "`per` to be one of"),
         (lambda: discover(FusedBlock(), extra=["fc.weight"]), TypeError, r"`extra\[0\]`"),
         (lambda: load_declarations([{"type": "magic"}]), ValueError, "`type` to be one of"),
         (lambda: ParamRef.parse("w[a:b]"), ValueError, "module.param"),
-        (lambda: discover(FusedBlock(), extra=[Rescaling(inp="fc.weight", out="proj.weight")]), ValueError,
-         "one column per hidden unit"),
+        (
+            lambda: discover(FusedBlock(), extra=[Rescaling(inp="fc.weight", out="proj.weight")]),
+            ValueError,
+            "one column per hidden unit",
+        ),
     ],
-    ids=["not-module", "empty", "missing-param", "heads-not-dividing", "bad-slice", "zero-heads", "bad-per",
-         "bad-decl-type", "bad-yaml-type", "bad-ref", "shape-mismatch"],
+    ids=[
+        "not-module",
+        "empty",
+        "missing-param",
+        "heads-not-dividing",
+        "bad-slice",
+        "zero-heads",
+        "bad-per",
+        "bad-decl-type",
+        "bad-yaml-type",
+        "bad-ref",
+        "shape-mismatch",
+    ],
 )
 def test_discover_bad_input(make, err, match) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(err, match=match):
@@ -129,8 +173,12 @@ def test_discover_norm_scale_declared_is_invariant() -> None:
     with torch.no_grad():
         m[0].weight.mul_(3.0)
         m[0].bias.mul_(3.0)
-    torch.testing.assert_close(shockmon.Observer(m, extra=[NormScale(weight="0.weight", bias="0.bias")]).compute()[
-        "quotient/normscale/0/direction_coherence"], v)
+    torch.testing.assert_close(
+        shockmon.Observer(m, extra=[NormScale(weight="0.weight", bias="0.bias")]).compute()[
+            "quotient/normscale/0/direction_coherence"
+        ],
+        v,
+    )
 
 
 def test_core_imports_without_lightning() -> None:
