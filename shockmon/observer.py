@@ -138,6 +138,8 @@ class Observer:
                 raise ValueError(f"Expected argument `{arg}` to be an integer >= {lo}, but got {val!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"Expected argument `seed` to be an integer, but got {seed!r}")
+        if not isinstance(angular_step, bool):
+            raise TypeError(f"Expected argument `angular_step` to be a bool, but got {angular_step!r}")
         if reduce is not None and not callable(reduce):
             raise TypeError(f"Expected argument `reduce` to be callable, but got {type(reduce).__name__}")
         self.model = model
@@ -217,7 +219,14 @@ class Observer:
     # ------------------------------------------------------------------ partial sums, family by family
     def _raw_gen(self) -> Gen:
         tensors = [self.rows.local(n) for n in self._raw_names]
-        norms = torch._foreach_norm(tensors, 2, dtype=self.dtype)
+        if not tensors:  # every parameter frozen: no raw norms (the quotients of frozen layers remain)
+            return []
+        if self.dtype == torch.float32 and any(t.dtype == torch.float64 for t in tensors):
+            # float64 parameters under a float32 accumulator (e.g. model.double() after construction):
+            # _foreach_norm refuses to narrow, so take the norms in float64 and cast them
+            norms = [v.to(self.dtype) for v in torch._foreach_norm(tensors, 2, dtype=torch.float64)]
+        else:
+            norms = torch._foreach_norm(tensors, 2, dtype=self.dtype)
         if not self.rows.sharded:
             return list(norms)
         (sq,) = yield [torch.stack(norms).square()]
