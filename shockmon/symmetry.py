@@ -754,6 +754,11 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
 
     # explicit declarations
     if extra is not None:
+        if not isinstance(extra, (str, Path, Sequence)):
+            raise TypeError(
+                "Expected argument `extra` to be a list of declarations, a YAML path or None, but got "
+                f"{type(extra).__name__}"
+            )
         decls = load_declarations(extra) if isinstance(extra, (str, Path)) else list(extra)
         for i, d in enumerate(decls):
             if not isinstance(d, (Rescaling, AttentionHeads, NormScale)):
