@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,47 @@ from shockmon.callbacks.monitor import ShockMonitor
 from shockmon.events import EventKind, ShockEvent
 
 _PRIORITY = {EventKind.DIVERGENCE: 0, EventKind.SHOCK: 1, EventKind.FORECAST: 2}
+
+
+#: version of the layout of :meth:`ShockEarlyStopping.state_dict` (a checkpoint without the field is version 0: the
+#: same layout, written before the field existed)
+STATE_VERSION = 1
+
+
+def _check_arguments(
+    monitor: Any,
+    min_delta: Any,
+    patience: Any,
+    stopping_threshold: Any,
+    divergence_threshold: Any,
+    flags: dict[str, Any],
+    check_on_train_epoch_end: Any,
+    stop_on: Any,
+) -> None:
+    """Validate the arguments Lightning's ``EarlyStopping`` takes on trust (``mode`` it checks itself)."""
+    if monitor is not None and (not isinstance(monitor, str) or not monitor):
+        raise TypeError(
+            f"Expected argument `monitor` to be a metric name (a non-empty string) or None, but got {monitor!r}"
+        )
+    if isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real) or not math.isfinite(min_delta):
+        raise ValueError(f"Expected argument `min_delta` to be a finite number, but got {min_delta!r}")
+    if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 0:
+        raise ValueError(f"Expected argument `patience` to be an integer >= 0, but got {patience!r}")
+    for name, value in (("stopping_threshold", stopping_threshold), ("divergence_threshold", divergence_threshold)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)):
+            raise ValueError(f"Expected argument `{name}` to be a number or None, but got {value!r}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"Expected argument `{name}` to be a bool, but got {value!r}")
+    if check_on_train_epoch_end is not None and not isinstance(check_on_train_epoch_end, bool):
+        raise TypeError(
+            f"Expected argument `check_on_train_epoch_end` to be a bool or None, but got {check_on_train_epoch_end!r}"
+        )
+    if not isinstance(stop_on, (str, Sequence)):
+        raise TypeError(
+            "Expected argument `stop_on` to be an event kind or a list of them, one or more of"
+            f" {', '.join(repr(k.value) for k in EventKind)}, but got {stop_on!r}"
+        )
 
 
 class ShockStoppingReason(str, enum.Enum):
@@ -90,6 +132,18 @@ class ShockEarlyStopping(EarlyStopping):
         hold_during_forecast: bool = True,
         shock_monitor: str | None = None,
     ) -> None:
+        _check_arguments(
+            monitor=monitor,
+            min_delta=min_delta,
+            patience=patience,
+            stopping_threshold=stopping_threshold,
+            divergence_threshold=divergence_threshold,
+            flags=dict(
+                verbose=verbose, strict=strict, check_finite=check_finite, log_rank_zero_only=log_rank_zero_only
+            ),
+            check_on_train_epoch_end=check_on_train_epoch_end,
+            stop_on=stop_on,
+        )
         super().__init__(
             monitor=monitor or "",
             min_delta=min_delta,
@@ -216,6 +270,7 @@ class ShockEarlyStopping(EarlyStopping):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(
+            version=STATE_VERSION,
             stopped_step=self.stopped_step,
             held_checks=self.held_checks,
             stopping_event=None if self.stopping_event is None else self.stopping_event.to_dict(),
@@ -223,6 +278,15 @@ class ShockEarlyStopping(EarlyStopping):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a checkpoint without a ``version`` field (version 0, written before it
+        existed) has the same layout and loads; a newer version is refused with a clear error."""
+        version = state_dict.get("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= STATE_VERSION:
+            raise ValueError(
+                f"ShockEarlyStopping state version {version!r} is not supported by this shockmon (it reads versions"
+                f" 0 to {STATE_VERSION}); resume with the shockmon that wrote the checkpoint, or without the"
+                " callback's state"
+            )
         value = state_dict.get("stopping_reason", EarlyStoppingReason.NOT_STOPPED.value)
         shock_reason = isinstance(value, str) and value in self.STOP_ON
         if shock_reason:
