@@ -2,16 +2,17 @@
 
 Every arm is a real ``Trainer.fit`` of its own copy of the same model (same initial weights, same batches),
 built once. The arms run in one process, each in its own thread, but never at the same time: a baton lets one
-arm run a chunk of ``chunk`` optimizer steps, then the next (A B C D E, B C D E A, ...: the order rotates each
-round), after a warm-up chunk each. So machine noise hits all arms alike, and no ``Trainer`` is rebuilt or
-restarted between chunks: every fit is one continuous run, its callbacks' state carried on.
+arm run a chunk of a few optimizer steps, then the next (A B C D E, B C D E A, ...: the order rotates each
+round), after a warm-up each. So load changes on a shared machine hit all arms alike, and no ``Trainer`` is
+rebuilt or restarted between chunks: every fit is one continuous run, its callbacks' state carried on.
 
 A step's time is the interval between consecutive ``on_train_batch_start`` calls of a timing callback that
 comes first in the callback list: it holds everything Lightning does per step (forward, backward, optimizer
-step, every callback and module hook, logging, fetching the next batch). A chunk is one log interval, so every
-chunk holds one log step. Reported per arm: the median step, the mean step (log steps included), the ratio of
-means to the no-callback arm with its min-max over the rounds' chunk pairs, the ratio of medians, the peak
-memory and the host reads in the arm's own hooks between log steps.
+step, every callback and module hook, logging, fetching the next batch). Reported per arm: the median step
+between log steps, the median log step, the cost per step over a log interval (the median step plus the log
+step's extra cost spread over the interval: medians, so that a load spike does not count) and its ratio to the
+no-callback arm, with the min-max over the rounds of the ratio of chunk medians; the ratio of plain means (load
+spikes included); the peak memory and the host reads in the arm's own hooks between log steps.
 
 Arms (the Trainer logs every ``log_every_n_steps=50`` steps, its default, to a TensorBoard logger):
 
@@ -360,10 +361,10 @@ class _Arm(Callback):
     """One arm: its Trainer and module, run in a thread; also the timing callback (first in the list)."""
 
     def __init__(self, arm: str, case: Case, template: dict[str, torch.Tensor], pool: list, root: str,
-                 baton: _Baton, device: str, log_every: int, warmup: int, chunk: int, chunks: int) -> None:
+                 baton: _Baton, device: str, log_every: int, bounds: list[int]) -> None:
         super().__init__()
         self.arm, self.baton, self.device, self.log_every = arm, baton, device, log_every
-        self.warmup, self.chunk, self.chunks = warmup, chunk, chunks
+        self.bounds = bounds  # steps at which chunks start; the last chunk is instrumented, the last bound closes it
         net = case.net()
         net.load_state_dict(template)
         self.module = BenchModule(net, pool, log_grad_norm=arm == "grad_norm")
@@ -372,7 +373,7 @@ class _Arm(Callback):
             accelerator="gpu" if device == "cuda" else "cpu",
             devices=1,
             precision=case.precision,
-            max_steps=warmup + chunks * chunk + 1,  # the last step only closes the last chunk
+            max_steps=bounds[-1] + 1,  # the last step only closes the last chunk
             max_epochs=-1,
             log_every_n_steps=log_every,
             logger=TensorBoardLogger(root, name=f"{case.name}-{arm}"),
@@ -383,13 +384,13 @@ class _Arm(Callback):
             num_sanity_val_steps=0,
             limit_val_batches=0,
         )
-        self.chunk_times: list[list[float]] = []  # per finished chunk, its steps' seconds
+        self.chunk_times: list[list[tuple[int, float]]] = []  # per timed chunk: (step completed, seconds)
         self.memory = _Memory(device)
         self.mem_mib: list[float] = []
         self.reads = _HostReads(device)
         self.error: BaseException | None = None
         self._index = -1  # the chunk running (-1: warm-up)
-        self._marks: list[Any] = []
+        self._marks: list[tuple[int, Any]] = []
         self._instrumented = False
         self._saved_hooks: list[tuple[Any, str, Any]] = []
         self.thread = threading.Thread(target=self._run, name=f"arm-{arm}", daemon=True)
@@ -419,9 +420,9 @@ class _Arm(Callback):
         marks = self._marks
         if self.device == "cuda":
             torch.cuda.synchronize()
-            secs = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+            secs = [(s + 1, a.elapsed_time(b) / 1e3) for (s, a), (_, b) in zip(marks, marks[1:])]
         else:
-            secs = [b - a for a, b in zip(marks, marks[1:])]
+            secs = [(s + 1, b - a) for (s, a), (_, b) in zip(marks, marks[1:])]
         if self._instrumented:
             self._uninstrument()
             self.mem_mib.append(_mib(self.memory.stop()))
@@ -430,25 +431,25 @@ class _Arm(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        step = trainer.global_step
-        if step < self.warmup or (step - self.warmup) % self.chunk:
-            if self._index >= 0:
-                self._marks.append(self._mark())
+        step = trainer.global_step  # optimizer steps done so far
+        if self._index >= 0:
+            self._marks.append((step, self._mark()))
+        if step not in self.bounds:
             return
         if self._index >= 0:
-            self._marks.append(self._mark())
             self._close_chunk()
         self.baton.back(self.arm)  # the next chunk, or the last step, when the main thread says so
-        self._index = (step - self.warmup) // self.chunk
-        if self._index >= self.chunks:
+        self._index = self.bounds.index(step)
+        if self._index == len(self.bounds) - 1:
+            self._index = -1
             return
-        self._instrumented = self._index == self.chunks - 1
+        self._instrumented = self._index == len(self.bounds) - 2
         if self._instrumented:
             self.memory.start()
             self._instrument(trainer)
         if self.device == "cuda":
             torch.cuda.synchronize()
-        self._marks = [self._mark()]
+        self._marks = [(step, self._mark())]
 
     # -- host reads, on the instrumented chunk
     def _instrument(self, trainer: pl.Trainer) -> None:
@@ -477,23 +478,27 @@ class _Arm(Callback):
         self._saved_hooks = []
 
     # -- results
-    def steps(self) -> list[float]:
+    def steps(self) -> list[tuple[int, float]]:
         return [s for c in self.chunk_times for s in c]
 
 
 def _run_case(case: Case, device: str, log_every: int, warmup: int, chunk: int, rounds: int, seed: int
               ) -> dict[str, Any]:
+    """Warm-up, ``rounds`` timed chunks of ``chunk`` steps per arm, then one instrumented chunk of at least a
+    log interval (memory, host reads), all arms interleaved."""
     torch.manual_seed(seed)
     template = {k: v.clone() for k, v in case.net().state_dict().items()}
     pool = case.batches(torch.Generator().manual_seed(seed))
     if device == "cuda":
         pool = [(x.cuda(), y.cuda()) for x, y in pool]
     baton = _Baton()
-    chunks = rounds + 1  # the last chunk is instrumented (memory, host reads) and not timed
+    bounds = [warmup + i * chunk for i in range(rounds + 1)]
+    next_log = (bounds[-1] // log_every + 1) * log_every
+    bounds.append(bounds[-1] + max(chunk, next_log - bounds[-1] + 1))  # the instrumented chunk holds a log step
+    chunks = rounds + 1
     with tempfile.TemporaryDirectory() as root:
         _prime(case, template, pool, root, device, log_every)
-        arms = {a: _Arm(a, case, template, pool, root, baton, device, log_every, warmup, chunk, chunks)
-                for a in ARMS}
+        arms = {a: _Arm(a, case, template, pool, root, baton, device, log_every, bounds) for a in ARMS}
         try:
             for a in arms.values():
                 a.thread.start()
@@ -514,7 +519,7 @@ def _run_case(case: Case, device: str, log_every: int, warmup: int, chunk: int, 
         finally:
             baton.abort = True
             baton.done()
-        return _summarise(case, arms, chunk, rounds)
+        return _summarise(case, arms, log_every)
 
 
 def _prime(case: Case, template: dict[str, torch.Tensor], pool: list, root: str, device: str,
@@ -543,25 +548,41 @@ def _check(a: _Arm) -> None:
         raise RuntimeError(f"arm {a.arm!r} failed: {a.error!r}") from a.error
 
 
-def _summarise(case: Case, arms: dict[str, _Arm], chunk: int, rounds: int) -> dict[str, Any]:
+def _per_step(steps: list[tuple[int, float]], log_every: int) -> tuple[float, float, float]:
+    """``(median step, median log step, cost per step over a log interval)`` in seconds: medians, so a load spike
+    on this shared machine does not count, with the log step's extra cost spread over its interval."""
+    other = [t for s, t in steps if s % log_every]
+    logs = [t for s, t in steps if s % log_every == 0]
+    med = statistics.median(other)
+    log = statistics.median(logs) if logs else med
+    return med, log, med + (log - med) / log_every
+
+
+def _summarise(case: Case, arms: dict[str, _Arm], log_every: int) -> dict[str, Any]:
     base = arms["none"]
-    base_means = [statistics.fmean(c) for c in base.chunk_times]
+    _, _, base_cost = _per_step(base.steps(), log_every)
+    base_chunks = [statistics.median(t for _, t in c) for c in base.chunk_times]
+    base_mean = statistics.fmean(t for _, t in base.steps())
     base_mem = max(base.mem_mib)
     out: dict[str, Any] = {"model": case.name, "describe": case.describe, "params": n_params(base.module.net),
                            "arms": {}}
     for name, a in arms.items():
         steps = a.steps()
-        means = [statistics.fmean(c) for c in a.chunk_times]
-        pair = [m / b for m, b in zip(means, base_means)]
+        med, log, cost = _per_step(steps, log_every)
+        chunks = [statistics.median(t for _, t in c) for c in a.chunk_times]
+        pair = [m / b for m, b in zip(chunks, base_chunks)]
+        mean = statistics.fmean(t for _, t in steps)
         mem = max(a.mem_mib)
         n_read_steps = len(a.reads.steps)
         out["arms"][name] = {
-            "step_ms_median": 1e3 * statistics.median(steps),
-            "step_ms_mean": 1e3 * statistics.fmean(steps),
-            "ratio_median": statistics.median(steps) / statistics.median(base.steps()),
-            "ratio_mean": statistics.fmean(steps) / statistics.fmean(base.steps()),
+            "step_ms_median": 1e3 * med,
+            "log_step_ms_median": 1e3 * log,
+            "step_ms_per_step": 1e3 * cost,
+            "ratio": cost / base_cost,
             "ratio_chunk_min": min(pair),
             "ratio_chunk_max": max(pair),
+            "step_ms_mean": 1e3 * mean,
+            "ratio_mean": mean / base_mean,
             "peak_mib": mem,
             "peak_mib_over_none": mem - base_mem,
             "host_reads_per_step": a.reads.count / n_read_steps if n_read_steps else 0.0,
@@ -572,17 +593,18 @@ def _summarise(case: Case, arms: dict[str, _Arm], chunk: int, rounds: int) -> di
 
 # ---------------------------------------------------------------------------------------------- output
 def table(results: list[dict[str, Any]]) -> str:
-    head = (f"{'model':<6} {'arm':<13} {'median ms':>10} {'mean ms':>10} {'x none (mean)':>14} "
-            f"{'min-max':>13} {'x none (median)':>16} {'peak MiB':>9} {'+MiB':>7} {'reads/step':>10}")
+    cols = [("model", 6, "<"), ("arm", 13, "<"), ("median ms", 10, ">"), ("log step ms", 12, ">"),
+            ("per step ms", 12, ">"), ("x none", 7, ">"), ("chunks min-max", 15, ">"), ("x none (means)", 15, ">"),
+            ("peak MiB", 9, ">"), ("+MiB", 7, ">"), ("reads/step", 11, ">")]
+    head = " ".join(f"{c:{a}{w}}" for c, w, a in cols)
     lines = [head, "-" * len(head)]
     for res in results:
         for name, r in res["arms"].items():
-            lines.append(
-                f"{res['model']:<6} {name:<13} {r['step_ms_median']:>10.2f} {r['step_ms_mean']:>10.2f} "
-                f"{r['ratio_mean']:>14.3f} {r['ratio_chunk_min']:>6.3f}-{r['ratio_chunk_max']:<6.3f} "
-                f"{r['ratio_median']:>16.3f} {r['peak_mib']:>9.1f} {r['peak_mib_over_none']:>+7.1f} "
-                f"{r['host_reads_per_step']:>10.1f}"
-            )
+            cells = [res["model"], name, f"{r['step_ms_median']:.2f}", f"{r['log_step_ms_median']:.2f}",
+                     f"{r['step_ms_per_step']:.2f}", f"{r['ratio']:.3f}",
+                     f"{r['ratio_chunk_min']:.3f}-{r['ratio_chunk_max']:.3f}", f"{r['ratio_mean']:.3f}",
+                     f"{r['peak_mib']:.1f}", f"{r['peak_mib_over_none']:+.1f}", f"{r['host_reads_per_step']:.1f}"]
+            lines.append(" ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, cols)))
     return "\n".join(lines)
 
 
@@ -609,15 +631,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"--models: unknown {unknown}; choose from {sorted(all_cases)}")
     log_every = 4 if args.quick else LOG_EVERY
-    plan = {"mlp": 12, "cnn": 8, "gpt": 4, "gpt2": 6}
+    # (warm-up steps, chunk, rounds) per model: chunks short enough that load changes on this shared machine hit
+    # the arms alike; warm-ups past the tracker's windows (16 and 64 observations)
+    plan = {"mlp": (100, 10, 100), "cnn": (70, 5, 60), "gpt": (70, 5, 25), "gpt2": (70, 5, 40)}
     results = []
     t0 = time.perf_counter()
     for n in names:
-        rounds = args.rounds or (2 if args.quick else plan[n])
-        chunk = log_every  # one log step per chunk
-        res = _run_case(all_cases[n], args.device, log_every, warmup=log_every, chunk=chunk, rounds=rounds,
+        warmup, chunk, rounds = (4, 2, 4) if args.quick else plan[n]
+        rounds = args.rounds or rounds
+        res = _run_case(all_cases[n], args.device, log_every, warmup=warmup, chunk=chunk, rounds=rounds,
                         seed=args.seed)
-        res.update(rounds=rounds, chunk=chunk)
+        res.update(warmup=warmup, rounds=rounds, chunk=chunk)
         results.append(res)
         print(f"# {n}: {res['describe']}, {res['params'] / 1e6:.2f}M parameters, {rounds} x {chunk} steps per"
               f" arm, {time.perf_counter() - t0:.0f} s", flush=True)

@@ -48,8 +48,9 @@ def test_overhead_benchmark_quick_prints_its_table_and_writes_json(tmp_path):
         for arm, r in res["arms"].items():
             assert (res["model"], arm) in table
             assert r["steps_timed"] == res["rounds"] * res["chunk"]
-            assert r["step_ms_median"] > 0 and math.isfinite(r["ratio_mean"])
-        assert res["arms"]["none"]["ratio_mean"] == 1.0
+            assert r["step_ms_median"] > 0 and math.isfinite(r["ratio"]) and math.isfinite(r["ratio_mean"])
+            assert r["ratio_chunk_min"] <= r["ratio_chunk_max"]
+        assert res["arms"]["none"]["ratio"] == res["arms"]["none"]["ratio_mean"] == 1.0
         reads = {arm: r["host_reads_per_step"] for arm, r in res["arms"].items()}
         # the counter sees the peers' per-step host reads, and none from shockmon between log steps
         assert reads["shockmon"] == reads["shockmon_all"] == reads["none"] == 0, reads
