@@ -505,11 +505,13 @@ class BurgersTracker:
                 if name not in self._names:
                     self._add_group(name)
             elif self._shape[name] != (n, D, dtype):
-                on, oD, _ = self._shape[name]
-                warnings.warn(
-                    f"Group {name!r} changed size from {on}x{oD} to {n}x{D} particles; its history restarts.",
-                    stacklevel=2,
+                on, oD, odt = self._shape[name]
+                what = (
+                    f"changed size from {on}x{oD} to {n}x{D} particles"
+                    if (on, oD) != (n, D)
+                    else f"changed dtype from {odt} to {dtype}".replace("torch.", "")
                 )
+                warnings.warn(f"Group {name!r} {what}; its history restarts.", stacklevel=2)
                 self._detach(name)
                 self._restart_group(name)
             self._shape[name] = (n, D, dtype)
