@@ -1,0 +1,89 @@
+"""The detection benchmark's pipeline, in ``--quick`` mode (one seed, shortened runs): it checks the plumbing
+(recording, replay, baselines, scoring, outputs), not the scores. The scoring rules are checked on hand-made
+alerts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.detection import baselines as bl  # noqa: E402
+from benchmarks.detection import scoring as sc  # noqa: E402
+
+
+@pytest.mark.slow
+def test_detection_bench_quick_runs_every_case_and_writes_its_outputs(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.detection", "--quick", "--out", str(tmp_path), "--cache",
+         str(tmp_path / "cache")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "detection_quick.json").read_text())
+    names = [c["name"] for c in doc["cases"]]
+    assert {"grok_mlp", "grok_transformer", "eos_tanh", "catapult", "condensation", "spikes_tanh"} <= set(names)
+    assert any(c["control"] for c in doc["cases"])
+    # replaying the recorded tracker inputs reproduces the live monitor's events exactly
+    assert doc["replay_matches_live"] is True
+    assert set(doc["results"]) == {"shockmon", *bl.LABEL_FREE, *bl.REFERENCE}
+    for det, res in doc["results"].items():
+        assert set(res["per_case"]) == set(names)
+        if det != "shockmon":
+            assert res["threshold"] in bl.GRIDS[det]
+    assert len(doc["runs"]) == len(names)
+    for run in doc["runs"]:
+        assert run["steps"] > 0 and run["cpu_seconds"] > 0
+    # the catapult peaks within the quick run, so there is one transition to score
+    assert all(len(r["transitions"]) == 1 for r in doc["runs"] if r["case"] == "catapult")
+    assert "| shockmon |" in proc.stdout and "| spike |" in proc.stdout
+    for name in names:
+        png = tmp_path / f"detection_quick_{name}.png"
+        assert png.stat().st_size > 5000, name
+    assert (tmp_path / "detection_quick.md").read_text().startswith("Detection benchmark")
+
+
+def test_detection_scoring_windows_late_and_false_alarms():
+    run = sc.RunAlerts("c", 3, False, transitions=[100], window=50, steps=300,
+                       alerts=[10, 60, 80, 120, 200], predicted=[math.nan, 110.0, 95.0, math.nan, math.nan])
+    ctl = sc.RunAlerts("k", 3, True, transitions=[], window=0, steps=5000, alerts=[7])
+    s = sc.score([run, ctl])
+    assert (s.transitions, s.detected, s.tp, s.late, s.fp, s.control_fp) == (1, 1, 2, 1, 3, 1)
+    assert s.leads == [40] and s.errors == [10.0] and s.rel_errors == [0.25]
+    assert s.recall == 1.0 and s.precision == pytest.approx(0.4)
+    assert s.false_alarms_per_1e4 == pytest.approx(2.0)
+
+
+def test_detection_threshold_rule_prefers_f1_then_lead_then_conservative():
+    def runs(alerts):
+        return [sc.RunAlerts("c", 0, False, [100], 50, 300, alerts)]
+
+    cands = {1.0: runs([5, 60]), 2.0: runs([60]), 3.0: runs([90]), 4.0: runs([])}
+    assert sc.choose(cands) == 2.0  # F1 1 at 2 and 3; the longer lead wins
+    assert sc.choose({1.0: runs([]), 2.0: runs([])}) == 2.0  # nothing detected: the conservative one
+
+
+def test_detection_baselines_fire_once_per_excursion_on_seeded_streams():
+    rng = np.random.default_rng(0)
+    steps = np.arange(400)
+    loss = np.exp(-steps / 200) + 0.001 * rng.standard_normal(400)
+    loss[250:255] *= 20  # one spike
+    assert bl.spike(steps, loss, 2.0) == [250]
+    assert bl.zscore(steps, loss, 6.0) == [250]
+    pnorm = 10 + 0.01 * steps + 0.001 * rng.standard_normal(400)
+    pnorm[300:] += 0.05 * (steps[300:] - 300)  # the norm's drift changes at 300
+    hits = bl.cusum(steps, pnorm, 8.0)
+    assert hits and 300 <= hits[0] <= 305
+    hits = bl.page_hinkley(steps, pnorm, 8.0)
+    assert hits and 300 <= hits[0] <= 310
+    assert bl.spike(steps[:200], loss[:200], 2.0) == [] and bl.cusum(steps[:250], pnorm[:250], 64.0) == []
