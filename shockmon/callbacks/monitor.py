@@ -8,13 +8,17 @@ steps) and *where* (loggers, TensorBoard extras, ``trainer.callback_metrics``).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
+import os
+import tempfile
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -24,7 +28,7 @@ from torch.optim import Optimizer
 from shockmon.callbacks import snapshots
 from shockmon.callbacks import tensorboard as tb
 from shockmon.callbacks.transfer import to_host
-from shockmon.events import ShockEvent
+from shockmon.events import EventKind, ShockEvent
 
 if TYPE_CHECKING:
     from shockmon.observer import Observer
@@ -42,6 +46,72 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
         if allow_none:
             what += " or None"
         raise ValueError(f"Expected argument `{name}` to be {what}, but got {value!r}")
+
+
+#: version of the layout of :meth:`ShockMonitor.state_dict` (a checkpoint without the field is version 0: the same
+#: layout, written before the field existed)
+STATE_VERSION = 1
+
+#: ``(name, id, shape, dtype, device, requires_grad)`` of every parameter: host metadata, read without a sync
+ParamSignature = tuple[tuple[str, int, tuple[int, ...], Any, Any, bool], ...]
+
+
+def _param_signature(module: Any) -> ParamSignature:
+    return tuple(
+        (n, id(p), tuple(p.shape), p.dtype, p.device, p.requires_grad) for n, p in module.named_parameters()
+    )
+
+
+def _describe_change(old: ParamSignature, new: ParamSignature, limit: int = 6) -> str:
+    """What differs between two parameter signatures, in words (at most ``limit`` items)."""
+    before, after = {e[0]: e for e in old}, {e[0]: e for e in new}
+    items = [f"added {n!r} {list(after[n][2])}" for n in after if n not in before]
+    items += [f"removed {n!r}" for n in before if n not in after]
+    for n in after:
+        if n not in before or before[n] == after[n]:
+            continue
+        (_, i0, s0, d0, v0, g0), (_, i1, s1, d1, v1, g1) = before[n], after[n]
+        what = []
+        if s0 != s1:
+            what.append(f"shape {list(s0)} -> {list(s1)}")
+        if d0 != d1:
+            what.append(f"dtype {d0} -> {d1}".replace("torch.", ""))
+        if v0 != v1:
+            what.append(f"device {v0} -> {v1}")
+        if g0 != g1:
+            what.append("unfrozen" if g1 else "frozen")
+        if i0 != i1 and not what:
+            what.append("replaced by a new tensor")
+        items.append(f"{n!r} {', '.join(what)}")
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
+def _tensorboard_dirs(loggers: Any) -> list[str]:
+    """The local log directories of the TensorBoard loggers (remote ones, ``s3://``..., are not checked)."""
+    from lightning.fabric.loggers import TensorBoardLogger as FabricTensorBoardLogger
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    dirs = []
+    for logger in loggers:
+        if isinstance(logger, (TensorBoardLogger, FabricTensorBoardLogger)):
+            path = str(logger.log_dir)
+            if "://" not in path or path.startswith("file://"):
+                dirs.append(path[len("file://") :] if path.startswith("file://") else path)
+    return dirs
+
+
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot take event files (``None`` when it can): created if missing, then a file written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            return "no write permission"
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".shockmon_write_check_"):
+            pass
+    except OSError as err:
+        return f"{err.strerror or type(err).__name__}: {err.filename or path!r}"
+    return None
 
 
 _SUPPORTED = (
@@ -86,6 +156,25 @@ def _check_strategy(strategy: Any) -> None:
         )
 
 
+def _check_kwargs(name: str, kw: Mapping[str, Any] | None, module: str, cls: str, own: tuple[str, ...]) -> None:
+    """Keys of ``tracker_kwargs``/``observer_kwargs`` must be arguments of the class (values: checked by it)."""
+    if not kw:
+        return
+    import importlib
+
+    params = inspect.signature(getattr(importlib.import_module(module), cls)).parameters
+    valid = [k for k in params if k not in own and k != "self"]
+    for key in kw:
+        if key in own:
+            where = f"pass `{key}` to ShockMonitor itself" if key != "model" else "the monitor passes the model"
+            raise ValueError(f"Expected argument `{name}` not to contain {key!r} ({where}), but it does")
+        if key not in valid:
+            raise ValueError(
+                f"Expected the keys of argument `{name}` to be arguments of {cls}, one of {', '.join(valid)},"
+                f" but got {key!r}"
+            )
+
+
 class ShockMonitor(Callback):
     r"""Forecast training phase transitions ("shocks") from symmetry-reduced observables, and log them.
 
@@ -98,6 +187,14 @@ class ShockMonitor(Callback):
     new events to listeners such as :class:`~shockmon.ShockEarlyStopping`. At the end of training a last read
     logs what happened after the last log step. Validation, test, predict and sanity checking are not
     observed.
+
+    Faults. Non-finite parameters (from a NaN loss or gradient that the optimizer applied) are a
+    ``divergence`` event at the step they appear; non-finite gradients alone are counted and warned about once
+    (a loss scaler skips such steps). When the model's parameters change during fit (a layer added, removed or
+    replaced, a parameter frozen or unfrozen, the model moved to another device or dtype), the change is seen
+    from host metadata before the next observation (no sync), warned about with what changed, and the observer
+    is rebuilt; tracked groups whose units changed restart their history. A local TensorBoard log directory that
+    cannot take files is an error at ``setup``, before training.
 
     Distributed (``"ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``; FSDP2 ``fully_shard`` in ``configure_model``
     under ``ModelParallelStrategy``): every rank computes the same observables and runs the same tracker, so
@@ -123,6 +220,9 @@ class ShockMonitor(Callback):
     ``<prefix>/shock``                            1 while a shock is active [#cm]_
     ``<prefix>/alerts``                           events so far [#cm]_
     ``<prefix>/alerts/<group>``                   events so far in the group
+    ``<prefix>/nonfinite_grad_steps``             observed steps whose gradient observables were NaN/inf so far
+                                                  (counted on the device every step; a ``divergence`` event
+                                                  fires only when non-finite values reach the parameters)
     ``<prefix>/particles/<group>``                tensor summary (plugin ``shockmon``), TensorBoard only: a
                                                   ``(k, 2)`` array of unit index and coordinate 0 of at most
                                                   ``snapshot_units`` units (a fixed evenly spaced subset)
@@ -191,11 +291,16 @@ class ShockMonitor(Callback):
                 "Expected argument `prefix` to be a non-empty string without leading or trailing '/',"
                 f" but got {prefix!r}"
             )
+        for name, value in (("progress_bar", progress_bar), ("print_summary", print_summary)):
+            if not isinstance(value, bool):
+                raise TypeError(f"Expected argument `{name}` to be a bool, but got {value!r}")
         for name, kw in (("tracker_kwargs", tracker_kwargs), ("observer_kwargs", observer_kwargs)):
             if kw is not None and not isinstance(kw, Mapping):
                 raise TypeError(
                     f"Expected argument `{name}` to be a dict or None, but got {type(kw).__name__}"
                 )
+        _check_kwargs("tracker_kwargs", tracker_kwargs, "shockmon.tracker", "BurgersTracker", ("horizon", "window"))
+        _check_kwargs("observer_kwargs", observer_kwargs, "shockmon.observer", "Observer", ("model",))
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.every_n_steps = every_n_steps
@@ -236,6 +341,11 @@ class ShockMonitor(Callback):
         self._latest: dict[str, float] = {}
         self._last_metrics: dict[str, float] = {}
         self._particles: dict[str, Tensor] = {}  # the latest observation's per-unit coordinates (device)
+        self._param_signature: ParamSignature = ()
+        self._nonfinite_grads: Tensor | None = None  # device count of observed steps with non-finite gradients
+        self._nonfinite_grads_base = 0  # the count restored from a checkpoint
+        self._nonfinite_grads_read = 0  # base + the device count, at the last read
+        self._nonfinite_grads_warned = False
         self._selector = snapshots.Selector(self.snapshot_units)
 
     @property
@@ -252,7 +362,8 @@ class ShockMonitor(Callback):
             self._tracker.state_dict() if self._tracker is not None else self._pending_tracker_state
         )
         return {
-            "version": 1,
+            "version": STATE_VERSION,
+            "nonfinite_grad_steps": self._nonfinite_grads_read,
             "tracker": tracker_state,
             "observer": observer_state,
             "observations": self._observations,
@@ -265,6 +376,17 @@ class ShockMonitor(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a checkpoint without a ``version`` field (version 0, written before it
+        existed) has the same layout and loads; a newer version is refused with a clear error."""
+        version = state_dict.get("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= STATE_VERSION:
+            raise ValueError(
+                f"ShockMonitor state version {version!r} is not supported by this shockmon (it reads versions 0 to"
+                f" {STATE_VERSION}); resume with the shockmon that wrote the checkpoint, or without the callback's"
+                " state"
+            )
+        self._nonfinite_grads_base = self._nonfinite_grads_read = int(state_dict.get("nonfinite_grad_steps", 0))
+        self._nonfinite_grads = None
         self._observations = int(state_dict.get("observations", 0))
         self._alerts = int(state_dict.get("alerts", 0))
         self._alerts_by_group = Counter(
@@ -380,6 +502,7 @@ class ShockMonitor(Callback):
                 f"{len(same)} ShockMonitor callbacks share the prefix {self.prefix!r}; give each its own"
                 " `prefix` (it names their tags and their state in checkpoints)."
             )
+        self._check_log_dirs(trainer)
         self._reset_run_state()
         self._log_every = (
             trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
@@ -397,6 +520,12 @@ class ShockMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Built here, not in setup: `configure_model` and the strategy (device move, sharding) have run.
         self._observer = self._make_observer(pl_module)
+        self._param_signature = _param_signature(pl_module)
+        if not any(e[5] for e in self._param_signature):
+            rank_zero_warn(
+                "ShockMonitor: the model has no trainable parameters at fit start; its frozen layers are observed"
+                " (no gradient observables), and the observer is rebuilt when parameters are unfrozen."
+            )
         if self._pending_observer_state is not None and hasattr(self._observer, "load_state_dict"):
             self._observer.load_state_dict(self._pending_observer_state)
         self._pending_observer_state = None
@@ -420,6 +549,7 @@ class ShockMonitor(Callback):
             return
         if (trainer.global_step + 1) % self.every_n_steps != 0:
             return
+        self._follow_parameters(trainer, pl_module)
         self._pending_grads.update(self._observer.grad_observables())
 
     def on_train_batch_end(
@@ -433,6 +563,7 @@ class ShockMonitor(Callback):
             self._pending_grads = {}
             return
         log_step = self._log_every > 0 and step % self._log_every == 0
+        self._follow_parameters(trainer, pl_module)
         self._observe(trainer, step, spectra=log_step)
         if log_step:
             self._read(trainer, pl_module, step, in_loop=True)
@@ -463,6 +594,44 @@ class ShockMonitor(Callback):
                 return float(lr) if isinstance(lr, (int, float)) else None  # a tensor lr would need a sync
         return None
 
+    def _check_log_dirs(self, trainer: pl.Trainer) -> None:
+        """At ``setup``: every local TensorBoard log directory must take files (checked on rank zero, agreed on
+        all ranks), so an unwritable one stops the run before training, not at the first log step."""
+        dirs = _tensorboard_dirs(getattr(trainer, "loggers", ()))  # the same loggers on every rank
+        if not dirs:
+            return
+        problems = []
+        if trainer.is_global_zero:
+            for path in dirs:
+                why = _unwritable(path)
+                if why is not None:
+                    problems.append(f"{path!r} ({why})")
+        problems = trainer.strategy.broadcast(problems, src=0)
+        if problems:
+            raise MisconfigurationException(
+                f"ShockMonitor cannot write TensorBoard event files to {', '.join(problems)}: expected a writable"
+                " directory; give the TensorBoardLogger another `save_dir`."
+            )
+
+    def _follow_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Rebuild the observer when the module's parameters changed since it was built (added, removed,
+        replaced, reshaped, moved to another device or dtype, frozen or unfrozen): it holds references to the
+        parameters it saw, and stale ones would give silently wrong numbers. Host metadata only, no sync."""
+        signature = _param_signature(pl_module)
+        if signature == self._param_signature:
+            return
+        rank_zero_warn(
+            f"ShockMonitor: the model's parameters changed before step {trainer.global_step + 1}:"
+            f" {_describe_change(self._param_signature, signature)}. Rebuilding the observer; tracked groups whose"
+            " units changed restart their history."
+        )
+        self._param_signature = signature
+        self._observer = self._make_observer(pl_module)
+        self._pending_grads = {}  # computed from the old parameters
+        self._values = None
+        if self.print_summary:
+            rank_zero_info(str(self._observer.report))
+
     def _observe(self, trainer: pl.Trainer, step: int, spectra: bool = True) -> None:
         """The per-step path: device tensors only, no host sync. ``spectra``: also the attention singular
         values (small eigenproblems), which only a read needs: log steps pass True, the others False."""
@@ -471,6 +640,9 @@ class ShockMonitor(Callback):
         values = self._observer.compute(lr=lr, spectra=spectra)
         self._values_spectra = spectra
         trajectory = self._observer.trajectory(values)
+        if self._pending_grads:  # count steps whose gradient observables are non-finite (on device)
+            bad = ~torch.isfinite(torch.stack(list(self._pending_grads.values()))).all()
+            self._nonfinite_grads = bad.long() if self._nonfinite_grads is None else self._nonfinite_grads + bad
         values.update(self._pending_grads)
         self._pending_grads = {}
         groups = self._observer.units()
@@ -505,7 +677,10 @@ class ShockMonitor(Callback):
             else {}
         )
         device_values.update({f"particles:{g}": v for g, v in particles.items()})
+        if self._nonfinite_grads is not None:
+            device_values["grads:nonfinite"] = self._nonfinite_grads
         host = to_host(device_values)  # the one device→host transfer
+        self._note_nonfinite_grads(step, host.pop("grads:nonfinite", None), new_events)
 
         for e in new_events:
             self._events.append(e)
@@ -521,6 +696,7 @@ class ShockMonitor(Callback):
         for g in dict.fromkeys([*groups, *self._alerts_by_group]):
             metrics[f"{p}/alerts/{g}"] = float(self._alerts_by_group.get(g, 0))
         metrics[f"{p}/alerts"] = float(self._alerts)
+        metrics[f"{p}/nonfinite_grad_steps"] = float(self._nonfinite_grads_read)
         self._last_metrics = metrics
         if trainer.is_global_zero:  # the same values on every rank: loggers get them once
             for logger in trainer.loggers:
@@ -540,6 +716,22 @@ class ShockMonitor(Callback):
             pl_module.log(f"{p}/alerts", float(self._alerts), logger=False)
         for listener in list(self._listeners):
             listener(trainer, self, new_events)
+
+    def _note_nonfinite_grads(self, step: int, count: Any, new_events: list[ShockEvent]) -> None:
+        """Take the device count of non-finite gradient steps read at ``step``; warn the first time it grows,
+        unless a divergence event already says more."""
+        if count is None:
+            return
+        total = self._nonfinite_grads_base + int(count)
+        diverged = any(e.kind is EventKind.DIVERGENCE for e in (*self._events, *new_events))
+        if total > self._nonfinite_grads_read and not (self._nonfinite_grads_warned or diverged):
+            self._nonfinite_grads_warned = True
+            rank_zero_warn(
+                f"ShockMonitor: non-finite gradients at {total} observed step(s) up to step {step}; logged as"
+                f" `{self.prefix}/nonfinite_grad_steps`. While the parameters stay finite (a loss scaler skipping"
+                " the step does this) it is no divergence; if they reach the parameters, a `divergence` event fires."
+            )
+        self._nonfinite_grads_read = total
 
     def _write_tensorboard(
         self,
