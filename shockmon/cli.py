@@ -23,6 +23,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1], got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1], got {text!r}")
+    return value
+
+
 # ------------------------------------------------------------------------------------------------ demo
 # Kept here (and checked against shockmon.demo by the tests): `shockmon --help` does not import Lightning.
 DEMO_MODELS = ("mlp", "transformer")
@@ -49,7 +59,7 @@ def _add_demo(subparsers: Any) -> None:
         + ", ".join(f"{n} for {m}" for m, n in DEMO_DEFAULT_STEPS.items())
         + ")",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split and the weights (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the data split and the weights (default: 0)")
     p.add_argument(
         "--out", default="./shockmon_runs", help="TensorBoard log directory (default: ./shockmon_runs)"
     )
@@ -92,6 +102,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         print(f"shockmon demo: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. --out not writable (found before training starts)
+        print(f"shockmon demo: error: {err.strerror or err}: {err.filename!r} (--out {args.out!r})", file=sys.stderr)
         return 2
     print(format_summary(result))
     return 0
