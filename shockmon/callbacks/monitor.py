@@ -328,6 +328,7 @@ class ShockMonitor(Callback):
         self._hist_every = 0
         self._last_step = -1  # the last global_step seen at a batch end
         self._pending_grads: dict[str, Tensor] = {}
+        self._step_lr: float | None = None  # the learning rate the observed step applied (before a scheduler)
         self._values: dict[str, Tensor] | None = None  # the latest observation's values (device tensors)
         self._values_step = -1
         self._values_spectra = False  # whether the latest observation has the attention spectra
@@ -551,6 +552,8 @@ class ShockMonitor(Callback):
             return
         self._follow_parameters(trainer, pl_module)
         self._pending_grads.update(self._observer.grad_observables())
+        if self._step_lr is None:  # the first optimizer's, as it steps (a scheduler steps after the batch)
+            self._step_lr = self._lr(trainer)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -560,7 +563,7 @@ class ShockMonitor(Callback):
             return  # not an optimizer step (accumulating, or the step was skipped)
         self._last_step = step
         if step % self.every_n_steps != 0:
-            self._pending_grads = {}
+            self._pending_grads, self._step_lr = {}, None
             return
         log_step = self._log_every > 0 and step % self._log_every == 0
         self._follow_parameters(trainer, pl_module)
@@ -636,7 +639,8 @@ class ShockMonitor(Callback):
         """The per-step path: device tensors only, no host sync. ``spectra``: also the attention singular
         values (small eigenproblems), which only a read needs: log steps pass True, the others False."""
         assert self._observer is not None and self._tracker is not None
-        lr = self._lr(trainer)
+        lr = self._step_lr if self._step_lr is not None else self._lr(trainer)
+        self._step_lr = None
         values = self._observer.compute(lr=lr, spectra=spectra)
         self._values_spectra = spectra
         trajectory = self._observer.trajectory(values)
