@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from shockmon import ShockMonitor
+from shockmon import Observer, ShockMonitor
 
 torch.set_num_threads(1)
 
@@ -125,3 +125,34 @@ def test_shock_monitor_computes_attention_spectra_only_for_reads(tmp_path):
     assert sorted(logged) == [5, 10, 12]
     assert all(float(v) > 0 for v in logged.values())
 
+
+
+def _mlp_with_grads() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    net(torch.randn(3, 4, dtype=torch.float64)).square().sum().backward()
+    return net
+
+
+def test_observer_compute_without_raw_norms_keeps_every_other_key():
+    net = _mlp_with_grads()
+    full, lean = Observer(net).compute(), Observer(net).compute(raw=False)
+    skipped = {f"raw/{n}" for n, _ in net.named_parameters()}
+    assert set(full) - set(lean) == skipped
+    for k, v in lean.items():
+        if not k.startswith("dynamics/"):
+            torch.testing.assert_close(v, full[k])
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_observer_grads_finite_flags_any_nonfinite_gradient(value):
+    net = _mlp_with_grads()
+    obs = Observer(net)
+    assert obs.grads_finite().dtype == torch.bool and bool(obs.grads_finite())
+    with torch.no_grad():
+        net[2].bias.grad[1] = value  # the output bias: in no rescaling group's grad_norm
+    assert not bool(obs.grads_finite())
+
+
+def test_observer_grads_finite_is_none_without_gradients():
+    assert Observer(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))).grads_finite() is None
