@@ -94,37 +94,87 @@ class _Attention(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-@pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning",
-                            "ignore:.*smaller than the logging interval:UserWarning", "ignore:.*LeafSpec.*")
-def test_shock_monitor_computes_attention_spectra_only_for_reads(tmp_path):
+class _StopAt(pl.Callback):
+    """Stops the fit after optimizer step ``at``, as early stopping would (the Trainer cannot know in advance)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
+        if trainer.global_step >= self.at:
+            trainer.should_stop = True
+
+
+def _spied_fit(tmp_path: Path, max_steps: int, callbacks: list[pl.Callback]) -> tuple[list, list, dict]:
+    """Fit ``_Attention`` with a spied monitor (log every 5 steps): (step, spectra, raw) of every compute(),
+    the steps of every grad_observables(), and the CSV rows by step."""
     monitor = ShockMonitor(log_every_n_steps=5, print_summary=False)
-    calls: list[tuple[int, bool]] = []
+    computes: list[tuple[int, bool, bool]] = []
+    grads: list[int] = []
     make = monitor._make_observer
 
     def spied_observer(pl_module):  # type: ignore[no-untyped-def]
         obs = make(pl_module)
-        compute = obs.compute
+        compute, grad_observables = obs.compute, obs.grad_observables
 
-        def spied(*a, spectra=True, **k):  # type: ignore[no-untyped-def]
-            calls.append((pl_module.trainer.global_step, spectra))
-            return compute(*a, spectra=spectra, **k)
+        def spied_compute(*a, spectra=True, raw=True, **k):  # type: ignore[no-untyped-def]
+            computes.append((pl_module.trainer.global_step, spectra, raw))
+            return compute(*a, spectra=spectra, raw=raw, **k)
 
-        obs.compute = spied
+        def spied_grads():  # type: ignore[no-untyped-def]
+            grads.append(pl_module.trainer.global_step + 1)
+            return grad_observables()
+
+        obs.compute, obs.grad_observables = spied_compute, spied_grads
         return obs
 
     monitor._make_observer = spied_observer  # type: ignore[method-assign]
     logger = CSVLogger(tmp_path, name="csv")
-    trainer(tmp_path, [monitor], max_steps=12, logger=logger, log_every_n_steps=5).fit(_Attention())
-    # every step observed, spectra at the log steps 5 and 10, and once more for the end-of-fit read at 12
-    assert calls == [(s, s % 5 == 0) for s in range(1, 13)] + [(12, True)]
-    rows = list((Path(logger.log_dir) / "metrics.csv").read_text().splitlines())
-    header = rows[0].split(",")
-    top = header.index("shockmon/quotient/attention_qk/block.self_attn/top_singular")
-    step = header.index("step")
-    logged = {int(r.split(",")[step]): r.split(",")[top] for r in rows[1:]}
-    assert sorted(logged) == [5, 10, 12]
-    assert all(float(v) > 0 for v in logged.values())
+    trainer(tmp_path, [monitor, *callbacks], max_steps=max_steps, logger=logger, log_every_n_steps=5).fit(
+        _Attention()
+    )
+    lines = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = {}
+    for line in lines[1:]:
+        row = dict(zip(header, line.split(",")))
+        rows[int(row["step"])] = {k: float(v) for k, v in row.items() if v != "" and k != "step"}
+    return computes, grads, rows
 
+
+TOP = "shockmon/quotient/attention_qk/block.self_attn/top_singular"
+GRAD = "shockmon/quotient/attention_qk/block.self_attn/grad_norm"
+RAW = "shockmon/raw/block.self_attn.in_proj_weight"
+
+
+@pytest.mark.filterwarnings(
+    "ignore:.*does not have many workers:UserWarning",
+    "ignore:.*smaller than the logging interval:UserWarning",
+    "ignore:.*LeafSpec.*",
+)
+def test_shock_monitor_computes_read_only_observables_only_for_reads(tmp_path):
+    computes, grads, rows = _spied_fit(tmp_path, max_steps=12, callbacks=[])
+    # every step observed; spectra, raw norms and gradient observables at the log steps 5 and 10 and at the last
+    # step, known in advance (max_steps)
+    assert computes == [(s, s in (5, 10, 12), s in (5, 10, 12)) for s in range(1, 13)]
+    assert grads == [5, 10, 12]
+    assert sorted(rows) == [5, 10, 12]
+    for step in (5, 10, 12):
+        assert rows[step][TOP] > 0 and rows[step][GRAD] > 0 and rows[step][RAW] > 0
+
+
+@pytest.mark.filterwarnings(
+    "ignore:.*does not have many workers:UserWarning",
+    "ignore:.*smaller than the logging interval:UserWarning",
+    "ignore:.*LeafSpec.*",
+)
+def test_shock_monitor_end_read_after_an_unforeseen_stop_recomputes_what_it_can(tmp_path):
+    computes, grads, rows = _spied_fit(tmp_path, max_steps=100, callbacks=[_StopAt(12)])
+    assert computes[-2:] == [(12, False, False), (12, True, True)]  # the end read fills spectra and raw norms
+    assert grads == [5, 10]
+    assert sorted(rows) == [5, 10, 12]
+    assert rows[12][TOP] > 0 and rows[12][RAW] > 0
+    assert GRAD not in rows[12]  # the gradients before step 12 are gone: that read goes without them
 
 
 def _mlp_with_grads() -> nn.Module:

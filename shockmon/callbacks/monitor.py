@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -181,7 +180,10 @@ class ShockMonitor(Callback):
     Every optimizer step (not every micro-batch under gradient accumulation; ``every_n_steps`` thins this),
     the monitor computes the model's observables on the parameters' device — gradient-side ones in
     ``on_before_optimizer_step``, before the step; parameter-side ones after it — and feeds the Burgers
-    tracker. None of this reads anything back to the host. Every ``log_every_n_steps`` it reads everything
+    tracker. None of this reads anything back to the host, and what only a read needs (gradient observables,
+    raw parameter norms, attention spectra) is computed only for observations that will be read: at log steps
+    and at a step known to be the last (``max_steps``, last batch of ``max_epochs``); the other steps check
+    the gradients for non-finite values only. Every ``log_every_n_steps`` it reads everything
     back in one transfer and logs it through Lightning's logger API (so CSV and other loggers get the
     scalars), writes the TensorBoard extras, puts the gating signals in ``trainer.callback_metrics`` and hands
     new events to listeners such as :class:`~shockmon.ShockEarlyStopping`. At the end of training a last read
@@ -220,7 +222,7 @@ class ShockMonitor(Callback):
     ``<prefix>/shock``                            1 while a shock is active [#cm]_
     ``<prefix>/alerts``                           events so far [#cm]_
     ``<prefix>/alerts/<group>``                   events so far in the group
-    ``<prefix>/nonfinite_grad_steps``             observed steps whose gradient observables were NaN/inf so far
+    ``<prefix>/nonfinite_grad_steps``             observed steps with a NaN/inf gradient so far
                                                   (counted on the device every step; a ``divergence`` event
                                                   fires only when non-finite values reach the parameters)
     ``<prefix>/particles/<group>``                tensor summary (plugin ``shockmon``), TensorBoard only: a
@@ -331,7 +333,7 @@ class ShockMonitor(Callback):
         self._step_lr: float | None = None  # the learning rate the observed step applied (before a scheduler)
         self._values: dict[str, Tensor] | None = None  # the latest observation's values (device tensors)
         self._values_step = -1
-        self._values_spectra = False  # whether the latest observation has the attention spectra
+        self._values_full = False  # whether the latest observation has the spectra and raw norms
         self._last_read_step = -1
         self._last_hist_step = -1
         self._layout_written = False
@@ -551,7 +553,11 @@ class ShockMonitor(Callback):
         if (trainer.global_step + 1) % self.every_n_steps != 0:
             return
         self._follow_parameters(trainer, pl_module)
-        self._pending_grads.update(self._observer.grad_observables())
+        if self._read_due(trainer, trainer.global_step + 1):  # only a read needs the gradient observables
+            self._pending_grads.update(self._observer.grad_observables())
+        finite = self._observer.grads_finite()  # for the non-finite count: one read of the gradients
+        if finite is not None:
+            self._pending_grads["grads:finite"] = finite
         if self._step_lr is None:  # the first optimizer's, as it steps (a scheduler steps after the batch)
             self._step_lr = self._lr(trainer)
 
@@ -567,16 +573,17 @@ class ShockMonitor(Callback):
             return
         log_step = self._log_every > 0 and step % self._log_every == 0
         self._follow_parameters(trainer, pl_module)
-        self._observe(trainer, step, spectra=log_step)
+        self._observe(trainer, step, full=self._read_due(trainer, step))
         if log_step:
             self._read(trainer, pl_module, step, in_loop=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._observer is not None and self._values_step > self._last_read_step:
             last = self._values_step == trainer.global_step  # the parameters have not moved since
-            if not self._values_spectra and self._values is not None and last:
-                # the last observation skipped the spectra (not a log step): add them for this read
-                full = self._observer.compute(lr=self._lr(trainer), spectra=True)
+            if not self._values_full and self._values is not None and last:
+                # the last observation was not known to be read: add the spectra and raw norms for this read
+                # (the gradient observables need the gradients before the step: this read goes without them)
+                full = self._observer.compute(lr=self._lr(trainer), spectra=True, raw=True)
                 self._values.update({k: v for k, v in full.items() if k not in self._values})
             self._read(trainer, pl_module, self._values_step, in_loop=False)
         if trainer.is_global_zero:
@@ -635,17 +642,28 @@ class ShockMonitor(Callback):
         if self.print_summary:
             rank_zero_info(str(self._observer.report))
 
-    def _observe(self, trainer: pl.Trainer, step: int, spectra: bool = True) -> None:
-        """The per-step path: device tensors only, no host sync. ``spectra``: also the attention singular
-        values (small eigenproblems), which only a read needs: log steps pass True, the others False."""
+    def _read_due(self, trainer: pl.Trainer, step: int) -> bool:
+        """Whether the observation after optimizer step ``step`` will be read: a log step, or a step known to
+        be the last (host state only)."""
+        if self._log_every > 0 and step % self._log_every == 0:
+            return True
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= step:
+            return True
+        max_epochs = trainer.max_epochs
+        return bool(max_epochs is not None and 0 < max_epochs <= trainer.current_epoch + 1 and trainer.is_last_batch)
+
+    def _observe(self, trainer: pl.Trainer, step: int, full: bool = True) -> None:
+        """The per-step path: device tensors only, no host sync. ``full``: also what only a read needs (the
+        attention spectra, the raw parameter norms): True where :meth:`_read_due`, False elsewhere."""
         assert self._observer is not None and self._tracker is not None
         lr = self._step_lr if self._step_lr is not None else self._lr(trainer)
         self._step_lr = None
-        values = self._observer.compute(lr=lr, spectra=spectra)
-        self._values_spectra = spectra
+        values = self._observer.compute(lr=lr, spectra=full, raw=full)
+        self._values_full = full
         trajectory = self._observer.trajectory(values)
-        if self._pending_grads:  # count steps whose gradient observables are non-finite (on device)
-            bad = ~torch.isfinite(torch.stack(list(self._pending_grads.values()))).all()
+        finite = self._pending_grads.pop("grads:finite", None)
+        if finite is not None:  # count steps whose gradients are non-finite (on device)
+            bad = ~finite
             self._nonfinite_grads = bad.long() if self._nonfinite_grads is None else self._nonfinite_grads + bad
         values.update(self._pending_grads)
         self._pending_grads = {}
