@@ -492,8 +492,16 @@ class Observer:
 
         One read of the gradients and no host sync: a per-step check much cheaper than :meth:`grad_observables`
         (on a 10M-parameter GPT-like model about a third of it). A gradient whose norm overflows counts as
-        non-finite, as it would in the observables. Sharded: one all-reduce of one value, so every rank agrees.
+        non-finite, as it would in the observables. Sharded: one all-reduce of one value, so every rank agrees
+        (``grad_observables(check_finite=True)`` gives the same flag within its own round).
         """
+        flag = self._grads_finite_local()
+        if flag is not None and (self.rows.sharded or self.rows._reduce is not None):
+            (bad,) = self.rows.reduce([(~flag).to(self.dtype)[None]])
+            flag = bad[0] == 0
+        return flag
+
+    def _grads_finite_local(self) -> torch.Tensor | None:
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in self._params.values():
             g = p.grad
@@ -507,23 +515,21 @@ class Observer:
         if not by_dtype:
             return None
         ok = [torch.isfinite(torch.stack(torch._foreach_norm(gs))).all() for gs in by_dtype.values()]
-        flag = ok[0] if len(ok) == 1 else torch.stack(ok).all()
-        if self.rows.sharded or self.rows._reduce is not None:
-            (bad,) = self.rows.reduce([(~flag).to(self.dtype)[None]])
-            flag = bad[0] == 0
-        return flag
+        return ok[0] if len(ok) == 1 else torch.stack(ok).all()
 
     @torch.no_grad()
-    def grad_observables(self) -> dict[str, torch.Tensor]:
+    def grad_observables(self, *, check_finite: bool = False) -> dict[str, torch.Tensor]:
         """Quotient gradient norms per group from ``p.grad`` (call before the optimizer step).
 
         Keys ``quotient/<family>/<group>/grad_norm``: ``‖w ⊙ g‖`` over a rescaling group's layer (elementwise
         invariant under any positive diagonal rescaling), ``‖w‖·‖g‖`` per normalised scale unit (rows combined in
         quadrature), and ``(Σ_h ⟨W_hW_hᵀ, G_hG_hᵀ⟩)^{1/2}`` over a head's Q, K (resp. V, O) for attention (invariant
         under GL(d_head)). Groups with a missing gradient are skipped. Sharded: one all-reduce of O(groups + heads).
+        With ``check_finite``, also ``"grads:finite"``: :meth:`grads_finite`, completed in the same round.
         """
         dt, rows = self.dtype, self.rows
         gens: dict[str, Gen] = {}
+        finite = self._grads_finite_local() if check_finite else None
 
         def pair(ref: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
             g = rows.grad_rows(ref, dt)
@@ -577,9 +583,14 @@ class Observer:
                     O.head_grams(go, h, cols=True),
                 ]
             )
+        if finite is not None:
+            gens["grads:finite"] = one([(~finite).to(dt)[None]])
         res = self._drive(gens)
         out: dict[str, torch.Tensor] = {}
         for key, got in res.items():
+            if key == "grads:finite":
+                out[key] = got[0][0] == 0
+                continue
             if "/attention_vo/" in key:
                 val = got[0][0] + (got[1] * got[2]).sum()
             elif "/normscale/" in key and got[0].dim() == 2:

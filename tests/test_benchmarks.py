@@ -121,9 +121,9 @@ def _spied_fit(tmp_path: Path, max_steps: int, callbacks: list[pl.Callback]) -> 
             computes.append((pl_module.trainer.global_step, spectra, raw))
             return compute(*a, spectra=spectra, raw=raw, **k)
 
-        def spied_grads():  # type: ignore[no-untyped-def]
+        def spied_grads(**k):  # type: ignore[no-untyped-def]
             grads.append(pl_module.trainer.global_step + 1)
-            return grad_observables()
+            return grad_observables(**k)
 
         obs.compute, obs.grad_observables = spied_compute, spied_grads
         return obs
@@ -202,6 +202,18 @@ def test_observer_grads_finite_flags_any_nonfinite_gradient(value):
     with torch.no_grad():
         net[2].bias.grad[1] = value  # the output bias: in no rescaling group's grad_norm
     assert not bool(obs.grads_finite())
+
+
+def test_observer_grad_observables_check_finite_gives_the_same_flag():
+    net = _mlp_with_grads()
+    obs = Observer(net)
+    assert bool(obs.grad_observables(check_finite=True)["grads:finite"])
+    assert "grads:finite" not in obs.grad_observables()
+    with torch.no_grad():
+        net[2].bias.grad[0] = math.nan
+    got = obs.grad_observables(check_finite=True)
+    assert not bool(got.pop("grads:finite")) and not bool(obs.grads_finite())
+    assert all(k.endswith("/grad_norm") for k in got)
 
 
 def test_observer_grads_finite_is_none_without_gradients():

@@ -554,10 +554,11 @@ class ShockMonitor(Callback):
             return
         self._follow_parameters(trainer, pl_module)
         if self._read_due(trainer, trainer.global_step + 1):  # only a read needs the gradient observables
-            self._pending_grads.update(self._observer.grad_observables())
-        finite = self._observer.grads_finite()  # for the non-finite count: one read of the gradients
-        if finite is not None:
-            self._pending_grads["grads:finite"] = finite
+            self._pending_grads.update(self._observer.grad_observables(check_finite=True))
+        else:  # the non-finite count ("grads:finite") alone: one read of the gradients
+            finite = self._observer.grads_finite()
+            if finite is not None:
+                self._pending_grads["grads:finite"] = finite
         if self._step_lr is None:  # the first optimizer's, as it steps (a scheduler steps after the batch)
             self._step_lr = self._lr(trainer)
 
