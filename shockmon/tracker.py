@@ -622,9 +622,8 @@ class BurgersTracker:
     def _bucket_update(self, b: _Bucket, xs: list[Tensor], t_now: Tensor) -> tuple[Tensor, Tensor]:
         """Particle view of a bucket: features ``(B, 7)`` (``_FEATURES``), unit indices ``(B, 2 units)``."""
         dev, L, K = b.device, b.L, self.neighbors
-        x = torch.stack([xi.to(device=dev, dtype=b.dtype) for xi in xs])
-        if x.dim() == 2:
-            x = x[..., None]
+        # (n,) and (n, 1) groups share a bucket: stack them all as (n, D)
+        x = torch.stack([xi.to(device=dev, dtype=b.dtype).reshape(xi.shape[0], -1) for xi in xs])
         fin_all = torch.isfinite(x).all(-1)  # (B, N): divergence looks at every unit, tracked or not
         nonfinite = ~fin_all.all(1)
         nf_units = self._units_of((~fin_all).to(b.dtype))

@@ -396,6 +396,19 @@ def test_reliability_one_unit_groups(tmp_path):
     assert monitor.num_observations == 10 and monitor.events == []
 
 
+def test_reliability_tracker_groups_of_shape_n_and_n_by_1_together():
+    # found by test_property_tracker_never_raises_and_roundtrips: both are (n, D=1), so they share a bucket, and
+    # stacking them raised inside torch.stack
+    tracker = BurgersTracker()
+    x0 = torch.linspace(-3.0, 3.0, 64)
+    for step in range(40):
+        x = x0 - 0.01 * step * torch.sin(x0)
+        tracker.update(step, {"flat": x, "column": x[:, None]})
+    events = tracker.poll()
+    by_group = {g: [(e.kind, e.step, e.predicted_step) for e in events if e.group == g] for g in ("flat", "column")}
+    assert by_group["flat"] and by_group["flat"] == by_group["column"]
+
+
 def test_reliability_a_group_of_100k_units_is_subsampled_at_a_fixed_state_size():
     sizes = []
     for n in (20_000, 100_000):
