@@ -62,6 +62,7 @@ import logging
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -716,6 +717,22 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _commit() -> str | None:
+    """The commit the measured code comes from, ``+dirty`` when ``shockmon/`` or ``benchmarks/`` differ from it."""
+    import shockmon
+
+    here = Path(shockmon.__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "shockmon", "benchmarks/overhead.py",
+                                "benchmarks/models.py"], cwd=here, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny models, few steps: checks the pipeline only")
@@ -754,6 +771,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"# {n}: {res['describe']}, {res['params'] / 1e6:.2f}M parameters, {rounds} x {chunk} steps per"
               f" arm, {time.perf_counter() - t0:.0f} s", flush=True)
     doc = {
+        "commit": _commit(),
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
