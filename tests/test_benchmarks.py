@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -222,3 +223,47 @@ def test_observer_grad_observables_check_finite_gives_the_same_flag():
 
 def test_observer_grads_finite_is_none_without_gradients():
     assert Observer(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))).grads_finite() is None
+
+
+# ------------------------------------------------------------------ the CUDA path's bookkeeping, on CPU
+def _overhead_module(monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import overhead
+
+    return overhead
+
+
+def test_overhead_cuda_host_reads_count_sync_warnings_between_log_steps(monkeypatch):
+    overhead = _overhead_module(monkeypatch)
+    modes: list = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    reads = overhead._HostReads("cuda")
+
+    def hook(x):  # type: ignore[no-untyped-def]
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)  # torch's words
+        warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
+        return x + 1
+
+    assert reads.guard(hook)(1) == 2
+    assert reads.count == 1 and modes == ["warn", 0]
+
+
+def test_overhead_cuda_memory_is_the_allocator_peak_over_the_start(monkeypatch):
+    overhead = _overhead_module(monkeypatch)
+    allocated = iter([100 * 2**20])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: next(allocated))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 164 * 2**20)
+    mem = overhead._Memory("cuda")
+    mem.start()
+    assert mem.stop() == 64.0
+
+
+def test_overhead_cuda_adds_the_gpt2_sized_model_and_refuses_without_cuda(monkeypatch):
+    overhead = _overhead_module(monkeypatch)
+    assert "gpt2" in overhead.cases(quick=False, device="cuda")
+    assert "gpt2" not in overhead.cases(quick=False, device="cpu")
+    if not torch.cuda.is_available():
+        proc = _run("benchmarks.overhead", "--quick", "--device", "cuda")
+        assert proc.returncode != 0 and "CUDA is not available" in proc.stderr
