@@ -32,7 +32,7 @@ def test_detection_bench_quick_runs_every_case_and_writes_its_outputs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "detection_quick.json").read_text())
     names = [c["name"] for c in doc["cases"]]
-    assert {"grok_mlp", "grok_transformer", "eos_tanh", "catapult", "condensation", "spikes_tanh"} <= set(names)
+    assert {"grok_mlp", "eos_tanh", "catapult", "condensation", "spikes_tanh", "spikes_relu"} <= set(names)
     assert any(c["control"] for c in doc["cases"])
     # replaying the recorded tracker inputs reproduces the live monitor's events exactly
     assert doc["replay_matches_live"] is True

@@ -29,6 +29,7 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 SHOCKMON = "shockmon"
 DETECTORS = (SHOCKMON, *bl.LABEL_FREE, *bl.REFERENCE)
 CACHE_VERSION = 1
+MAX_ALERTS = 50  # per detector and run in the JSON (counts are complete)
 
 
 def _cache_path(cache: Path, case: str, seed: int, quick: bool) -> Path:
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="output directory")
     ap.add_argument("--name", default=None, help="output file stem (default detection, quick: detection_quick)")
     ap.add_argument("--cache", type=Path, default=CACHE, help="recordings cache (git-ignored)")
+    ap.add_argument("--cached", action="store_true",
+                    help="reuse cached recordings (run the missing ones) with the events their live monitor gave")
     ap.add_argument("--replay", action="store_true",
                     help="reuse cached recordings (run the missing ones) and re-run the current tracker on them")
     ap.add_argument("--no-plots", action="store_true")
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if bad:
             ap.error(f"unknown case(s) {bad}; choose from {names}")
         cases = [c for c in cases if c.name in args.cases]
+    else:
+        cases = [c for c in cases if c.default]
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(range(6)))
     select = args.select_seeds if args.select_seeds is not None else ([seeds[0]] if args.quick else [0, 1, 2])
     report = [s for s in seeds if s not in select] or list(select)
@@ -100,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[tuple[str, int], Recording] = {}
     for case in cases:
         for seed in sorted(set(seeds) | set(select)):
-            runs[(case.name, seed)] = get_recording(case, seed, args.quick, args.cache, not args.replay, log)
+            runs[(case.name, seed)] = get_recording(case, seed, args.quick, args.cache,
+                                                      not (args.replay or args.cached), log)
     train_cpu = sum(r.cpu_seconds for r in runs.values())
 
     # ---- alerts of every detector on every run
@@ -148,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "selection_seeds": select,
         "report_seeds": report,
         "replay": args.replay,
+        "cached": args.cached,
         "replay_matches_live": replay_ok,
         "torch": torch.__version__,
         "cases": [{"name": c.name, "family": c.family, "window": c.window, "rule": c.rule, "control": c.control}
@@ -159,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "case": k[0], "seed": k[1], "steps": int(len(r.steps)), "transitions": transitions[k],
                 "cpu_seconds": r.cpu_seconds, "wall_seconds": r.wall_seconds, "config": r.config,
                 "shockmon_events": sm_events[k],
-                "alerts": {d: alerts[d][k].alerts for d in DETECTORS},
+                "alerts": {d: alerts[d][k].alerts[:MAX_ALERTS] for d in DETECTORS},
+                "alert_counts": {d: len(alerts[d][k].alerts) for d in DETECTORS},
             }
             for k, r in runs.items()
         ],

@@ -33,6 +33,7 @@ class Case:
     window: int
     rule: str
     control: bool = False
+    default: bool = True  # in the default suite (others run with ``--cases``)
 
 
 def first_at_least(steps: np.ndarray, values: np.ndarray, threshold: float) -> int | None:

@@ -6,8 +6,11 @@ Transition: the first evaluation (every ``eval_every`` steps) with test accuracy
   (the demo's model); AdamW lr 3e-3, betas (0.9, 0.98). Fits its training set at ~100--260 steps, jumps at
   ~600--750. 1100 steps.
 - ``grok_transformer``: one layer, no LayerNorm, logits at the last position, d = 64, 4 heads, d_mlp 256,
-  train fraction 0.4, AdamW lr 3e-3 (the demo's setting: with the issue's lr 1e-3 it had not jumped by 3000
-  steps here), 2500 steps.
+  AdamW lr 3e-3, **train fraction 0.5** (deviation: with the issue's fraction 0.4, at lr 3e-3 seed 0 had test
+  accuracy 0.53 after 2500 steps, and with lr 1e-3 the demo found no jump by 3000; with 0.5 it jumps at ~1450
+  steps for seed 0), 2000 steps; ~3 minutes of CPU per run with the monitor. Only seeds 0 and 1 of 0--5 jumped
+  within 2000 steps (1470, 1610), so this case is **not in the default suite** (``--cases grok_transformer``
+  runs it): longer runs would more than double the suite's CPU time on this shared machine.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ P = 97
 
 
 def _setup(model: str, seed: int, quick: bool) -> Setup:
-    frac = 0.5 if model == "mlp" else 0.4
+    frac = 0.5
     x, y, xt, yt = modular_addition(P, frac, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -52,7 +55,7 @@ def _setup(model: str, seed: int, quick: bool) -> Setup:
     if model == "mlp":
         steps = 120 if quick else 1100
     else:
-        steps = 60 if quick else 2500
+        steps = 60 if quick else 2000
     return Setup(module, steps, 5 if model == "mlp" else 10, evaluate,
                  {"model": model, "p": P, "train_fraction": frac, "lr": lr, "weight_decay": 1.0})
 
@@ -66,5 +69,5 @@ CASES = [
     Case("grok_mlp", "grokking", lambda seed, quick: _setup("mlp", seed, quick), _jump, window=300,
          rule="first evaluation with test accuracy >= 0.9 (every 5 steps)"),
     Case("grok_transformer", "grokking", lambda seed, quick: _setup("transformer", seed, quick), _jump,
-         window=500, rule="first evaluation with test accuracy >= 0.9 (every 10 steps)"),
+         window=500, rule="first evaluation with test accuracy >= 0.9 (every 10 steps)", default=False),
 ]
