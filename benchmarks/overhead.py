@@ -1,10 +1,11 @@
 """Overhead of monitoring, per training step: no callback, ``ShockMonitor`` and peer monitors, side by side.
 
 Every arm is a real ``Trainer.fit`` of its own copy of the same model (same initial weights, same batches),
-built once. The arms run in one process, each in its own thread, but never at the same time: a baton lets one
-arm run a chunk of a few optimizer steps, then the next (A B C D E, B C D E A, ...: the order rotates each
-round), after a warm-up each. So load changes on a shared machine hit all arms alike, and no ``Trainer`` is
-rebuilt or restarted between chunks: every fit is one continuous run, its callbacks' state carried on.
+built once, in a process of its own (forked on CPU, spawned on CUDA: no interpreter lock, allocator or peak
+memory shared between arms). The arms never run at the same time: the parent hands out turns, one chunk of a
+few optimizer steps each (A B C D E, B C D E A, ...: the order rotates each round), after a warm-up each. So
+load changes on a shared machine hit all arms alike, and no ``Trainer`` is rebuilt or restarted between
+chunks: every fit is one continuous run, its callbacks' state carried on.
 
 A step's time is the interval between consecutive ``on_train_batch_start`` calls of a timing callback that
 comes first in the callback list: it holds everything Lightning does per step (forward, backward, optimizer
@@ -31,10 +32,9 @@ Arms (the Trainer logs every ``log_every_n_steps=50`` steps, its default, to a T
 ``spike``
     Lightning's ``SpikeDetection`` callback (defaults).
 
-Memory. Peak: per arm, the peak growth over a fresh fit of one log interval plus a step (setup, optimizer
-state, callback state, a log step): on CPU the resident set (``VmHWM``, reset through ``/proc/self/clear_refs``
-after ``malloc_trim``) of a forked child, so that no arm reuses another's freed memory (Linux; else n/a); on
-CUDA ``max_memory_allocated`` over ``memory_allocated``, over the warm-up or the instrumented chunk. State: the
+Memory. Peak: per arm, the peak growth of its process from just before ``fit`` to the end of the timed and
+instrumented chunks: on CPU the resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` after
+``malloc_trim``; Linux only, else n/a), on CUDA ``max_memory_allocated`` over ``memory_allocated``. State: the
 tensor storage an arm keeps across steps, reachable from its callbacks and Lightning's logged results (not the
 model, its gradients, the optimizer state or the data). Host reads: during one more chunk after the timed
 rounds, at steps that are not log steps, the arm's own per-step hooks run with ``Tensor.item``, ``tolist``,
@@ -67,6 +67,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -357,72 +358,31 @@ def arm_callbacks_of(trainer: pl.Trainer) -> list[Callback]:
     return [cb for cb in trainer.callbacks if isinstance(cb, (ShockMonitor, SpikeDetection))]
 
 
-class _Baton:
-    """Lets exactly one thread run: ``main`` hands the turn to an arm and waits until it is handed back."""
+class _Run(Callback):
+    """The arm's side, in its own process: the timing callback (first in the callback list) that stops at each
+    chunk boundary and waits for its turn, the instrumented chunk, memory and state."""
 
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._turn = "main"
-        self.abort = False
-
-    def hand(self, to: str) -> None:
-        with self._cv:
-            self._turn = to
-            self._cv.notify_all()
-            self._cv.wait_for(lambda: self._turn == "main")
-
-    def back(self, me: str) -> None:
-        with self._cv:
-            self._turn = "main"
-            self._cv.notify_all()
-            self.wait(me)
-
-    def wait(self, me: str) -> None:
-        with self._cv:
-            self._cv.wait_for(lambda: self._turn == me or self.abort)
-        if self.abort:
-            raise RuntimeError("benchmark aborted")
-
-    def done(self) -> None:
-        with self._cv:
-            self._turn = "main"
-            self._cv.notify_all()
-
-
-class _Arm(Callback):
-    """One arm: its Trainer and module, run in a thread; also the timing callback (first in the list)."""
-
-    def __init__(self, arm: str, case: Case, template: dict[str, torch.Tensor], pool: list, root: str,
-                 baton: _Baton, device: str, log_every: int, bounds: list[int]) -> None:
+    def __init__(self, conn: Any, arm: str, device: str, log_every: int, bounds: list[int]) -> None:
         super().__init__()
-        self.arm, self.baton, self.device, self.log_every = arm, baton, device, log_every
+        self.conn, self.arm, self.device, self.log_every = conn, arm, device, log_every
         self.bounds = bounds  # steps at which chunks start; the last chunk is instrumented, the last bound closes it
-        net = case.net()
-        net.load_state_dict(template)
-        self.module = BenchModule(net, pool, log_grad_norm=arm == "grad_norm")
-        self.trainer = make_trainer(arm, case, root, device, log_every, bounds[-1] + 1, first=[self])
+        self.trainer: pl.Trainer | None = None
+        self.module: BenchModule | None = None
         #: per timed chunk: (step completed, wall seconds, thread CPU seconds or None on CUDA)
         self.chunk_times: list[list[tuple[int, float, float | None]]] = []
         self.memory = _Memory(device)
-        self.mem_mib: list[float] = []
+        self.mem_mib: float | None = None
+        self.state_kib = math.nan
         self.reads = _HostReads(device)
-        self.error: BaseException | None = None
-        self._index = -1  # the chunk running (-1: warm-up)
+        self._index = -1  # the chunk running (-1: none)
         self._marks: list[tuple[int, Any, float | None]] = []
         self._instrumented = False
         self._saved_hooks: list[tuple[Any, str, Any]] = []
-        self.thread = threading.Thread(target=self._run, name=f"arm-{arm}", daemon=True)
 
-    # -- the thread
-    def _run(self) -> None:
-        torch.set_num_threads(1)
-        try:
-            self.baton.wait(self.arm)
-            _fit_quietly(self.trainer, self.module)
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            self.error = e
-        finally:
-            self.baton.done()
+    def wait_turn(self, where: int) -> None:
+        self.conn.send(("at", where))
+        if self.conn.recv() != "go":
+            raise RuntimeError("benchmark aborted")
 
     # -- timing
     def _mark(self, step: int) -> tuple[int, Any, float | None]:
@@ -441,8 +401,6 @@ class _Arm(Callback):
             secs = [(s + 1, b - a, cb - ca) for (s, a, ca), (_, b, cb) in zip(marks, marks[1:])]  # type: ignore
         if self._instrumented:
             self._uninstrument()
-            if self.device == "cuda":
-                self.mem_mib.append(_mib(self.memory.stop()))
         else:
             self.chunk_times.append(secs)
 
@@ -455,15 +413,16 @@ class _Arm(Callback):
             return
         if self._index >= 0:
             self._close_chunk()
-        self.baton.back(self.arm)  # the next chunk, or the last step, when the main thread says so
-        self._index = self.bounds.index(step)
-        if self._index == len(self.bounds) - 1:
-            self._index = -1
+        index = self.bounds.index(step)
+        if index == len(self.bounds) - 1:  # measured: the peak so far and what the arm keeps
+            self.mem_mib = self.memory.stop()
+            self.state_kib = self._retained_kib()
+        self.wait_turn(index)  # the next chunk, or the closing step and the end of fit
+        self._index = index if index < len(self.bounds) - 1 else -1
+        if self._index < 0:
             return
         self._instrumented = self._index == len(self.bounds) - 2
         if self._instrumented:
-            if self.device == "cuda":
-                self.memory.start()
             self._instrument(trainer)
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -471,6 +430,7 @@ class _Arm(Callback):
 
     # -- host reads, on the instrumented chunk
     def _instrument(self, trainer: pl.Trainer) -> None:
+        assert self.module is not None
         for obj, name in _own_hooks(self.arm, trainer, self.module):
             original = getattr(obj, name)
             guarded = self.reads.guard(original)
@@ -495,109 +455,102 @@ class _Arm(Callback):
                 setattr(obj, name, before)
         self._saved_hooks = []
 
-    # -- results
-    def steps(self) -> list[tuple[int, float, float | None]]:
-        return [s for c in self.chunk_times for s in c]
-
-    def retained_kib(self) -> float:
+    def _retained_kib(self) -> float:
+        assert self.trainer is not None and self.module is not None
         roots: list[Any] = list(arm_callbacks_of(self.trainer))
         roots.append(self.trainer.fit_loop.epoch_loop._results)  # what self.log/log_dict keep
         return _retained_kib(roots, self.module, self.module.pool)
 
+    def results(self) -> dict[str, Any]:
+        return {"chunk_times": self.chunk_times, "mem_mib": self.mem_mib, "state_kib": self.state_kib,
+                "reads": self.reads.count, "read_steps": len(self.reads.steps)}
 
-def _run_case(case: Case, device: str, log_every: int, warmup: int, chunk: int, rounds: int, seed: int
-              ) -> dict[str, Any]:
-    """Per arm: the peak memory of a fresh short fit (CPU: in a forked child); then, all arms interleaved, a
-    warm-up, ``rounds`` timed chunks of ``chunk`` steps, one instrumented chunk holding a log step (host reads;
-    on CUDA, memory), the state each arm keeps."""
-    torch.manual_seed(seed)
-    template = {k: v.clone() for k, v in case.net().state_dict().items()}
-    pool = case.batches(torch.Generator().manual_seed(seed))
-    if device == "cuda":
-        pool = [(x.cuda(), y.cuda()) for x, y in pool]
+
+def _child(conn: Any, spec: dict[str, Any]) -> None:
+    """One arm, in a process of its own (no GIL, allocator or peak memory shared with the other arms)."""
+    try:
+        torch.set_num_threads(1)
+        torch.set_flush_denormal(True)
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+        arm, device = spec["arm"], spec["device"]
+        case = cases(spec["quick"], device)[spec["model"]]
+        torch.manual_seed(spec["seed"])
+        net = case.net()  # the same initial weights in every arm
+        pool = case.batches(torch.Generator().manual_seed(spec["seed"]))
+        if device == "cuda":
+            pool = [(x.cuda(), y.cuda()) for x, y in pool]
+        run = _Run(conn, arm, device, spec["log_every"], spec["bounds"])
+        run.module = BenchModule(net, pool, log_grad_norm=arm == "grad_norm")
+        run.trainer = make_trainer(arm, case, spec["root"], device, spec["log_every"], spec["bounds"][-1] + 1,
+                                   first=[run])
+        conn.send(("ready", -1))
+        if conn.recv() != "go":
+            return
+        run.memory.start()
+        _fit_quietly(run.trainer, run.module)
+        conn.send(("done", run.results()))
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _run_case(name: str, quick: bool, device: str, log_every: int, warmup: int, chunk: int, rounds: int,
+              seed: int) -> dict[str, Any]:
+    """One process per arm; turns handed out so that exactly one runs at a time: a warm-up each, ``rounds``
+    timed chunks of ``chunk`` steps (the order rotating), one instrumented chunk holding a log step, the end."""
+    import multiprocessing as mp
+
     bounds = [warmup + i * chunk for i in range(rounds + 1)]
     next_log = (bounds[-1] // log_every + 1) * log_every
     bounds.append(bounds[-1] + max(chunk, next_log - bounds[-1] + 1))  # the instrumented chunk holds a log step
-    baton = _Baton()
+    ctx = mp.get_context("fork" if device == "cpu" and hasattr(os, "fork") else "spawn")
+    if ctx.get_start_method() == "fork":  # what every arm imports at some point, imported once and shared
+        import torchmetrics.wrappers  # noqa: F401
+
+        import shockmon.tracker  # noqa: F401
+    procs: dict[str, Any] = {}
+    conns: dict[str, Any] = {}
+
+    def turn(arm: str, expect: str) -> Any:
+        conns[arm].send("go")
+        return receive(arm, expect)
+
+    def receive(arm: str, expect: str) -> Any:
+        kind, payload = conns[arm].recv()
+        if kind == "error":
+            raise RuntimeError(f"arm {arm!r} failed:\n{payload}")
+        if kind != expect:
+            raise RuntimeError(f"arm {arm!r}: expected {expect!r}, got {kind!r}")
+        return payload
+
     with tempfile.TemporaryDirectory() as root:
-        _prime(case, template, pool, root, device, log_every)
-        forked = {}
-        if device == "cpu":
-            forked = {a: _forked_peak_mib(a, case, template, pool, root, log_every, log_every + 1) for a in ARMS}
-        arms = {a: _Arm(a, case, template, pool, root, baton, device, log_every, bounds) for a in ARMS}
         try:
-            for a in arms.values():
-                a.thread.start()
-            for a in arms.values():  # warm-up, one arm after the other
-                if device == "cuda":
-                    a.memory.start()
-                baton.hand(a.arm)
-                if device == "cuda":
-                    a.mem_mib.append(_mib(a.memory.stop()))
-                _check(a)
+            for arm in ARMS:
+                parent, child = ctx.Pipe()
+                spec = {"arm": arm, "model": name, "quick": quick, "device": device, "seed": seed,
+                        "log_every": log_every, "bounds": bounds, "root": root}
+                procs[arm] = ctx.Process(target=_child, args=(child, spec), name=f"arm-{arm}", daemon=True)
+                procs[arm].start()
+                child.close()
+                conns[arm] = parent
+                receive(arm, "ready")  # built one after the other, before any timing
+            for arm in ARMS:  # warm-up, one arm after the other
+                turn(arm, "at")
             order = list(ARMS)
             for r in range(len(bounds) - 1):
-                for name in order[r % len(order):] + order[: r % len(order)]:
-                    baton.hand(name)
-                    _check(arms[name])
-            retained = {name: a.retained_kib() for name, a in arms.items()}
-            for a in arms.values():  # the closing step and the end of fit
-                baton.hand(a.arm)
-                a.thread.join()
-                _check(a)
+                for arm in order[r % len(order):] + order[: r % len(order)]:
+                    turn(arm, "at")
+            results = {arm: turn(arm, "done") for arm in ARMS}  # the closing step and the end of fit
         finally:
-            baton.abort = True
-            baton.done()
-        for name, a in arms.items():
-            if device == "cpu":
-                a.mem_mib = [_mib(forked[name])]
-        return _summarise(case, arms, log_every, retained)
-
-
-def _prime(case: Case, template: dict[str, torch.Tensor], pool: list, root: str, device: str,
-           log_every: int) -> None:
-    """A log interval with every arm's code at once, so that one-time costs (lazy imports, kernel and logger
-    setup) fall on no arm."""
-    net = case.net()
-    net.load_state_dict(template)
-    trainer = make_trainer("shockmon_all", case, f"{root}/prime", device, log_every, log_every + 1,
-                           first=arm_callbacks("spike", log_every))
-    _fit_quietly(trainer, BenchModule(net, pool, log_grad_norm=True))
-
-
-def _forked_peak_mib(arm: str, case: Case, template: dict[str, torch.Tensor], pool: list, root: str,
-                     log_every: int, steps: int) -> float | None:
-    """Peak resident-set growth of ``steps`` steps of a fresh fit of ``arm``, in a forked child (CPU, Linux):
-    a process of its own, so no other arm's freed memory is reused, and nothing to import again."""
-    if not (hasattr(os, "fork") and _Memory("cpu").available):
-        return None
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: measure, write the figure, leave without running the parent's cleanup
-        result: Any = None
-        try:
-            os.close(r)
-            torch.set_num_threads(1)
-            net = case.net()
-            net.load_state_dict(template)
-            module = BenchModule(net, pool, log_grad_norm=arm == "grad_norm")
-            trainer = make_trainer(arm, case, f"{root}/memory", "cpu", log_every, steps)
-            mem = _Memory("cpu")
-            mem.start()
-            _fit_quietly(trainer, module)
-            result = mem.stop()
-        except BaseException as e:  # noqa: BLE001 - reported by the parent
-            result = f"{type(e).__name__}: {e}"
-        finally:
-            os.write(w, json.dumps(result).encode())
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        result = json.loads(f.read() or "null")
-    os.waitpid(pid, 0)
-    if isinstance(result, str):
-        raise RuntimeError(f"arm {arm!r}: the memory run failed: {result}")
-    return result
+            for arm, proc in procs.items():
+                proc.join(timeout=60)
+                if proc.is_alive():
+                    proc.terminate()
+                conns[arm].close() if arm in conns else None
+    case = cases(quick, device)[name]
+    return _summarise(case, results, log_every)
 
 
 def _retained_kib(roots: list[Any], module: pl.LightningModule, pool: list) -> float:
@@ -638,15 +591,6 @@ def _tensors_in(roots: list[Any], skip_ids: set[int]) -> Iterator[torch.Tensor]:
             stack.extend(vars(obj).values())
 
 
-def _mib(x: float | None) -> float:
-    return math.nan if x is None else x
-
-
-def _check(a: _Arm) -> None:
-    if a.error is not None:
-        raise RuntimeError(f"arm {a.arm!r} failed: {a.error!r}") from a.error
-
-
 def _per_step(steps: list[tuple[int, float]], log_every: int) -> tuple[float, float, float]:
     """``(median step, median log step, cost per step over a log interval)``, in seconds: medians, so that a load
     spike does not count, with the log step's extra cost spread over its interval."""
@@ -657,30 +601,35 @@ def _per_step(steps: list[tuple[int, float]], log_every: int) -> tuple[float, fl
     return med, log, med + (log - med) / log_every
 
 
-def _summarise(case: Case, arms: dict[str, _Arm], log_every: int, retained: dict[str, float]) -> dict[str, Any]:
+def _summarise(case: Case, arms: dict[str, dict[str, Any]], log_every: int) -> dict[str, Any]:
     """Ratios to the no-callback arm. On CPU the headline is thread CPU time (what a step costs, not counting
-    time its thread waited for a core on a shared machine); wall-clock figures come alongside. On CUDA, CUDA
+    time its process waited for a core on a shared machine); wall-clock figures come alongside. On CUDA, CUDA
     event time."""
-    cpu = arms["none"].steps()[0][2] is not None
+
+    def steps(a: dict[str, Any]) -> list[tuple[int, float, float | None]]:
+        return [tuple(s) for c in a["chunk_times"] for s in c]  # type: ignore[misc]
+
+    cpu = steps(arms["none"])[0][2] is not None
     clock = 2 if cpu else 1
 
-    def series(a: _Arm, k: int) -> list[tuple[int, float]]:
-        return [(s[0], s[k]) for s in a.steps()]  # type: ignore[misc]
+    def series(a: dict[str, Any], k: int) -> list[tuple[int, float]]:
+        return [(s[0], s[k]) for s in steps(a)]  # type: ignore[misc]
+
+    def chunk_medians(a: dict[str, Any]) -> list[float]:
+        return [statistics.median(s[clock] for s in c) for c in a["chunk_times"]]
 
     base = arms["none"]
     _, _, base_cost = _per_step(series(base, clock), log_every)
     _, _, base_wall = _per_step(series(base, 1), log_every)
-    base_chunks = [statistics.median(s[clock] for s in c) for c in base.chunk_times]  # type: ignore[type-var]
-    base_mem = max(base.mem_mib)
-    out: dict[str, Any] = {"model": case.name, "describe": case.describe, "params": n_params(base.module.net),
+    base_chunks = chunk_medians(base)
+    base_mem = math.nan if base["mem_mib"] is None else base["mem_mib"]
+    out: dict[str, Any] = {"model": case.name, "describe": case.describe, "params": n_params(case.net()),
                            "clock": "thread CPU time" if cpu else "CUDA events", "arms": {}}
     for name, a in arms.items():
         med, log, cost = _per_step(series(a, clock), log_every)
         wall_med, _, wall = _per_step(series(a, 1), log_every)
-        chunks = [statistics.median(s[clock] for s in c) for c in a.chunk_times]  # type: ignore[type-var]
-        pair = [m / b for m, b in zip(chunks, base_chunks)]
-        mem = max(a.mem_mib)
-        n_read_steps = len(a.reads.steps)
+        pair = [m / b for m, b in zip(chunk_medians(a), base_chunks)]
+        mem = math.nan if a["mem_mib"] is None else a["mem_mib"]
         out["arms"][name] = {
             "step_ms_median": 1e3 * med,
             "log_step_ms_median": 1e3 * log,
@@ -692,9 +641,9 @@ def _summarise(case: Case, arms: dict[str, _Arm], log_every: int, retained: dict
             "wall_ratio": wall / base_wall,
             "peak_mib": mem,
             "peak_mib_over_none": mem - base_mem,
-            "state_kib": retained[name],
-            "host_reads_per_step": a.reads.count / n_read_steps if n_read_steps else 0.0,
-            "steps_timed": len(a.steps()),
+            "state_kib": a["state_kib"],
+            "host_reads_per_step": a["reads"] / a["read_steps"] if a["read_steps"] else 0.0,
+            "steps_timed": len(steps(a)),
         }
     return out
 
@@ -764,7 +713,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for n in names:
         warmup, chunk, rounds = (4, 2, 4) if args.quick else plan[n]
         rounds = args.rounds or rounds
-        res = _run_case(all_cases[n], args.device, log_every, warmup=warmup, chunk=chunk, rounds=rounds,
+        res = _run_case(n, args.quick, args.device, log_every, warmup=warmup, chunk=chunk, rounds=rounds,
                         seed=args.seed)
         res.update(warmup=warmup, rounds=rounds, chunk=chunk)
         results.append(res)
