@@ -65,7 +65,6 @@ def step_machine(
     upd: Tensor,
     warm: bool,
     steps_to: Tensor,
-    steps_raw: Tensor,
     shock_cond: Tensor,
     nonfinite: Tensor,
     cfg: dict[str, float],
@@ -76,19 +75,20 @@ def step_machine(
         st: state tensors ``state, on, off, shk, cool, div`` of shape ``(G,)`` (updated in place).
         upd: groups updated this call (``(G,)`` bool); warm: past the warm-up gate.
         steps_to: steps to the forecast shock (``inf`` when none, or not Burgers-consistent).
-        steps_raw: steps to shock from the raw significant compression (keeps an in-shock state alive).
         shock_cond: the shock criterion holds; nonfinite: the input was non-finite.
         cfg: ``h_on, h_off, n_on, n_off, n_shock, cooldown``.
 
-    Arm when ``steps_to < h_on`` for ``n_on`` updates (outside cooldown); fire ``shock`` when the criterion
+    Arm when ``0 <= steps_to < h_on`` for ``n_on`` updates (outside cooldown); fire ``shock`` when the criterion
     holds ``n_shock`` updates; disarm when the time to shock exceeds ``h_off`` for ``n_off`` updates, then
     cool down for ``cooldown`` updates. At most one transition per group per update.
     """
     state, on, off, shk, cool = st["state"], st["on"], st["off"], st["shk"], st["cool"]
     zero = torch.zeros_like(on)
-    arm = (steps_to < cfg["h_on"]) & (cool == 0) & warm
+    arm = (steps_to >= 0) & (steps_to < cfg["h_on"]) & (cool == 0) & warm  # a crossing already past: no
     on_new = torch.where(arm, on + 1, zero)
-    far = torch.where(state == IN_SHOCK, steps_raw > cfg["h_off"], steps_to > cfg["h_off"])
+    # in-shock disarms like imminent, on the Burgers-consistent forecast: a raw significant compression
+    # somewhere in a group of many particles is almost always present, and would hold the state forever
+    far = steps_to > cfg["h_off"]
     off_new = torch.where(far, off + 1, zero)
     shk_new = torch.where(shock_cond & warm, shk + 1, zero)
     to_shock = upd & (state != IN_SHOCK) & (shk_new >= cfg["n_shock"]) & ((state == IMMINENT) | (cool == 0))

@@ -151,16 +151,21 @@ class BurgersTracker:
     compression rate ``lambda_i = lambda_min(sym J_i)`` counts when significantly negative (Bonferroni over
     the group). The forecast is ``t_c - 1/lambda`` with ``t_c`` the window's centre time (the velocities' lag
     corrected), robust-minimised over the group, and it is kept only while it is *Burgers-consistent*: along
-    characteristics ``-1/lambda`` shrinks at rate one, so the forecast stays put; a forecast that recedes (a
-    stationary contraction, or a viscous shock that has formed) is not a coming crossing. **Trajectory view**:
-    for the vector ``q(t)`` of all scalar quotient observables, ``s = <v, dv/dt>/|v|^2`` and a Riccati fit
-    ``1/s = a + b t``; ``b`` is the Burgers-consistency figure and the fit's zero the forecast blow-up.
+    characteristics ``-1/lambda`` shrinks at rate one, so the forecast stays put (the fitted slope of the
+    forecast against time is within ``(-1/2, 1/2)``); a forecast that recedes (a stationary contraction, or a
+    viscous shock that has formed) is not a coming crossing, nor is one that advances fast (an abrupt
+    compression). **Trajectory view**: for the vector ``q(t)`` of all scalar quotient observables, ``s = <v,
+    dv/dt>/|v|^2`` and a Riccati fit ``1/s = a + b t``; ``b`` is the Burgers-consistency figure and the fit's
+    zero the forecast blow-up (logged; alerted on only with ``trajectory_alerts``).
 
-    A *shock* happens when a significantly closing pair of particles crosses or comes within the viscous width
-    ``2 nu/|dv|``, when the forecast time is reached, or when an imminent compression stops steepening (the
-    forecast recedes: the gradient plateaus at its viscous limit). Viscosity ``nu = D_hat/2`` comes from the
-    MAD variance of velocity residuals, with measurement noise (constant in the lag) separated from diffusion
-    (growing with it).
+    A ``forecast`` event fires when a Burgers-consistent crossing is predicted between now and ``horizon``
+    steps ahead for ``n_on`` updates. A *shock* follows a forecast (it is never raised from nothing): while
+    armed, when a significantly closing pair of particles crosses or comes within the viscous width ``2
+    nu/|dv|``, when the forecast time is reached, or when the compression stops steepening with the crossing
+    due within the forecasts' own span (the gradient plateaus at its viscous limit). Both states disarm when
+    no consistent forecast is within ``disarm_horizon`` for ``n_off`` updates. Viscosity ``nu = D_hat/2``
+    comes from the MAD variance of velocity residuals, with measurement noise (constant in the lag) separated
+    from diffusion (growing with it).
 
     Use: :meth:`update` every step (no host sync), :meth:`forecast` / :meth:`summary` for device tensors to
     log, :meth:`poll` once per logging interval for the events since the last poll (the one host sync);
@@ -185,9 +190,13 @@ class BurgersTracker:
             ``rank``.
         method: ``"auto"`` (least-squares Jacobian when ``D <= 3`` and ``K >= 2D + 1``, with closed-form
             eigenvalues; pairwise closing times otherwise), ``"jacobian"`` (``torch.linalg.eigh`` beyond ``D =
-            3``) or ``"pairs"``. Pairwise closing sees a compression along ``e`` only through ``(e .
-            pair)^2``: with few neighbours in high dimension its forecasts are late (conservative), never
-            early.
+            3``) or ``"pairs"``. In ``D > 1`` a pair counts as closing only when it is on a collision course
+            (its straight-line miss distance within noise of zero): most approaching pairs pass each other,
+            and counting them made the tracker fire throughout real training runs (``benchmarks/detection``).
+            The Jacobian's smallest eigenvalue is tested against ``z + sqrt(2 (D - 1))`` standard errors (the
+            smallest of ``D`` noisy eigenvalues is biased low). In ``D = 9`` (a rescaling layer's units) the
+            Jacobian over 19 neighbours behaved like collision-course pairs on the benchmark at 5-20x the
+            cost, so ``"auto"`` keeps pairs there.
         time: ``"step"`` or ``"lr"`` (learning-rate time ``t = sum lr``; forecasts are converted back to steps
             at the current learning rate).
         n_on, n_off: updates a condition must hold to arm / disarm.
@@ -199,6 +208,10 @@ class BurgersTracker:
             4``.
         trajectory_window: rates ``s`` in the trajectory view's Riccati fit (default ``4 * window``), ``>=
             4``.
+        trajectory_alerts: raise ``forecast``/``shock`` events from the trajectory view too. Off by default:
+            its forecast and state are still computed and logged, but on the detection benchmark's runs its
+            Riccati-consistent "blow-ups" marked the ends of fast phases (a path decelerating to a stop),
+            never a scored transition (``benchmarks/detection``). Divergence events are always raised.
         max_particles: larger groups are tracked on a fixed random subsample of this size.
         knn_every: in D > 1, each particle's neighbour list is recomputed (exactly) every this many updates; a
             slice of ``n / knn_every`` lists per group is refreshed at each update, so the cost is steady.
@@ -248,6 +261,7 @@ class BurgersTracker:
         shock_updates: int = 1,
         riccati_window: int | None = None,
         trajectory_window: int | None = None,
+        trajectory_alerts: bool = False,
         max_particles: int = 4096,
         knn_every: int = 64,
         units: int = 8,
@@ -284,6 +298,11 @@ class BurgersTracker:
         self.riccati_window = _int_arg("riccati_window", rw, 4)
         tw = 4 * self.window if trajectory_window is None else trajectory_window
         self.trajectory_window = _int_arg("trajectory_window", tw, 4)
+        if not isinstance(trajectory_alerts, bool):
+            raise ValueError(
+                f"Expected argument `trajectory_alerts` to be a bool, but got {trajectory_alerts!r}"
+            )
+        self.trajectory_alerts = trajectory_alerts
         self.max_particles = _int_arg("max_particles", max_particles, max(self.neighbors + 1, 3))
         self.knn_every = _int_arg("knn_every", knn_every, 1)
         self.units = _int_arg("units", units, 0)
@@ -579,24 +598,31 @@ class BurgersTracker:
             g["hist_T"][ri, si] = T_all.index_select(0, ri)
             g["hist_sd"][ri, si] = sdT_all.index_select(0, ri)
         slope, se = al.forecast_trend(g["hist_t"], g["hist_T"], g["hist_sd"], max(4, M // 2))
-        consistent = (slope < 0.5) & (slope + self._Z_GATE * se < 1.0)
-        plateau = (slope - self._Z_PLATEAU * se > 0.5) & (traw_all < math.inf)
+        # Burgers: the forecast stays put (slope 0). Receding (slope -> 1): a stationary contraction or a formed
+        # viscous shock; advancing fast (slope << 0): an abrupt compression, not yet a ridden characteristic
+        consistent = (slope.abs() < 0.5) & (slope + self._Z_GATE * se < 1.0)
+        # the forecast stops steepening *when the crossing is due within the forecasts' own span*: a viscous
+        # shock forming; a receding forecast further out was not a coming crossing (it just disarms)
+        hist_ok = torch.isfinite(g["hist_t"])
+        span = t_now - torch.where(hist_ok, g["hist_t"], torch.full_like(g["hist_t"], math.inf)).amin(1)
+        plateau = (slope - self._Z_PLATEAU * se > 0.5) & (traw_all <= span)
         if trajectory is not None:
             consistent[0] = (traj_cons > 0.5) & (traj_cons < 2.0) & torch.isfinite(T_all[0])
             plateau[0] = False
         inf_g = torch.full_like(T_all, math.inf)
         T_g = torch.where(consistent, T_all, inf_g)
-        reached = consistent & (T_all <= t_now)
         armed = g["state"] == al.IMMINENT
-        shock_cond = reached | ((coll_all > 0) & (armed | consistent)) | (plateau & armed)
+        reached = consistent & (T_all <= t_now) & armed  # a forecast that was never issued is not "reached"
+        # every shock follows its own forecast: a crossing or viscous collapse that was never forecast is, on
+        # real runs, mostly noise in a dense cloud (a warning, not a detector, is what shockmon is for)
+        shock_cond = (reached | (coll_all > 0) | plateau) & armed
         shock_cond[0] = reached[0]
         rate = g["rate"]
         steps_to = (T_g - t_now) / rate
-        steps_raw = traw_all / rate
         upd = torch.tensor(upd_list, device=dev)
         warm = step >= self.warmup
         to_fc, to_sh, to_div = al.step_machine(
-            g, upd, warm, steps_to, steps_raw, shock_cond, nonf_all > 0, self._cfg
+            g, upd, warm, steps_to, shock_cond, nonf_all > 0, self._cfg
         )
         pred = step + steps_to
         g["pred"] = torch.where(upd, pred, g["pred"])
@@ -616,7 +642,10 @@ class BurgersTracker:
             [stepv, self._rows_fixed, pred[:, None], torch.zeros_like(stepv), Ud[:, self.units :]], 1
         )
         rows = torch.stack([rows_dv, rows_sm], 1).reshape(2 * G, -1)
-        flags = torch.stack([to_div, to_fc | to_sh], 1).reshape(2 * G)
+        alert = to_fc | to_sh
+        if not self.trajectory_alerts:  # the trajectory view is logged (forecast, state), not alerted on
+            alert[0] = False
+        flags = torch.stack([to_div, alert], 1).reshape(2 * G)
         al.write_events(g["buf"], g["counter"], rows, flags)
 
     def _bucket_update(self, b: _Bucket, xs: list[Tensor], t_now: Tensor) -> tuple[Tensor, Tensor]:
@@ -715,18 +744,20 @@ class BurgersTracker:
                     rows = torch.arange(start, min(start + per, n), device=dev)
                     b.knn[:, rows] = pt.knn(xc, k_eff, rows)
             if method == "jacobian":
-                lam, se, sdv, r2, dot = pt.local_rates_jacobian(xc, v, b.knn, sdv)
+                lam, se, sdv, r2, dot = pt.local_rates_jacobian(xc, v, b.knn, sdv, sd_m.to(b.dtype))
                 ztests = n
             else:
-                r2, dot = pt.pair_stats(pt.feature_major(xc, v), b.knn)
+                r2, dot, vv = pt.pair_stats(pt.feature_major(xc, v), b.knn, with_vv=True)
                 ztests = n * k_eff
         z = pt.bonferroni_z(self.alpha, ztests)
         if method == "pairs":
             lam, se, coll = pt.pairs_rates_and_collapse(
-                r2, dot, dt_now, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z
+                r2, dot, dt_now, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z, vv if D > 1 else None
             )
         else:
             coll = pt.collapse_pairs(r2, dot, dt_now, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z)
+            if D > 1:  # the smallest of D noisy eigenvalues sits ~sqrt(2(D - 1)) SEs below zero: add it
+                se = se * (1.0 + math.sqrt(2.0 * (D - 1)) / z)
         rank = min(self.rank, n)
         tau, strength, units, sd_tau = pt.reduce_group(lam, se, fin, z, rank, self.quantile, self.units)
         tau = tau.double()
@@ -942,7 +973,8 @@ class BurgersTracker:
         keys = (
             "horizon window neighbors alpha rank quantile method time n_on n_off disarm_horizon cooldown "
             "warmup "
-            "shock_updates riccati_window trajectory_window max_particles knn_every units capacity seed"
+            "shock_updates riccati_window trajectory_window trajectory_alerts max_particles knn_every units"
+            " capacity seed"
         ).split()
         return {k: getattr(self, k) for k in keys}
 

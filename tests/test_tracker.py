@@ -194,11 +194,13 @@ def test_tracker_trajectory_riccati_forecast_and_consistency(s0, noise):
         e = torch.randn(P, generator=g, dtype=torch.float64)
         e /= e.norm()
         q0 = torch.randn(P, generator=g, dtype=torch.float64)
-        tracker = BurgersTracker(horizon=400)
+        tracker = BurgersTracker(horizon=400, trajectory_alerts=True)
+        quiet = BurgersTracker(horizon=400)  # the default: computed and logged, not alerted on
         for k in range(int(1.05 * t_star)):
             t = float(k)
             q = q0 + e * v0 * (t + s0 * t * t / 2) + noise * torch.randn(P, generator=g, dtype=torch.float64)
             tracker.update(k, {}, trajectory=q)
+            quiet.update(k, {}, trajectory=q)
             if t_star / 2 <= k <= 0.9 * t_star:
                 fc = float(tracker.forecast()["trajectory"])
                 slope = float(tracker.summary()["burgers_consistency"])
@@ -207,6 +209,7 @@ def test_tracker_trajectory_riccati_forecast_and_consistency(s0, noise):
         events = tracker.poll()
         assert first(events, EventKind.FORECAST) is not None
         assert all(e.group == "trajectory" and e.channel == "trajectory" for e in events)
+        assert quiet.poll() == [] and float(quiet.forecast()["trajectory"]) == float(tracker.forecast()["trajectory"])
 
 
 def test_tracker_trajectory_stationary_contraction_is_not_burgers():
@@ -466,3 +469,59 @@ def test_tracker_doctests():
     for mod in (shockmon.tracker, shockmon._particles, shockmon._trajectory, shockmon._alerts):
         assert doctest.testmod(mod).failed == 0, mod.__name__
     assert doctest.testmod(shockmon.tracker).attempted >= 5  # the seeded stream and where its shock is caught
+
+
+# ----------------------------------------------------------------------------------------------------
+# lessons from real training runs (benchmarks/detection)
+def test_tracker_pairs_count_only_collision_courses():
+    """Closing pairs count only on a collision course; a planar shock in 2-D is the Jacobian's (auto), and is
+    forecast; a ballistic 8-D gas (pairs) is not."""
+    from shockmon import _particles as pt
+
+    dx = torch.tensor([[[1.0, 0.0], [1.0, 0.3], [1.0, 2.0]]])  # (K=1, B=1, n=3, D=2) as (..., D)
+    dv = torch.full((1, 1, 3, 2), 0.0)
+    dv[..., 0] = -0.01
+    r2, dot, vv = (dx * dx).sum(-1), (dx * dv).sum(-1), (dv * dv).sum(-1)
+    hit = pt.head_on(r2, dot, vv, torch.tensor([1e-5]), torch.tensor([1e-4]), 3.0)
+    assert hit.tolist() == [[[True, False, False]]]
+
+    g = torch.Generator().manual_seed(0)
+    n = 256
+    x0 = (torch.rand(n, generator=g) * 2 - 1) * math.pi
+    y0 = torch.rand(n, generator=g)
+    planar = BurgersTracker(horizon=200)
+    x8 = torch.randn(n, 8, generator=g)
+    v8 = 0.01 * torch.randn(n, 8, generator=g)
+    gas = BurgersTracker(horizon=200)
+    for step in range(121):
+        xy = torch.stack([x0 - 0.01 * step * torch.sin(x0), y0], 1)  # crossing at step 100, along x only
+        planar.update(step, {"sheet": xy + 1e-4 * torch.randn(n, 2, generator=g)})
+        gas.update(step, {"gas": x8 + step * v8 + 1e-4 * torch.randn(n, 8, generator=g)})
+    f = first(planar.poll(), EventKind.FORECAST)
+    assert f is not None and f < 100
+    assert gas.poll() == []
+
+
+def test_tracker_in_shock_disarms_when_no_consistent_forecast_remains():
+    """In-shock ends like imminent (no consistent forecast for n_off updates), whatever compression remains."""
+    from shockmon import _alerts as al
+
+    G = 1
+    st = {k: torch.zeros(G, dtype=torch.long) for k in ("state", "on", "off", "shk", "cool")}
+    st["div"] = torch.zeros(G, dtype=torch.bool)
+    cfg = dict(h_on=200.0, h_off=400.0, n_on=3, n_off=5, n_shock=1, cooldown=20)
+    upd, no = torch.ones(G, dtype=torch.bool), torch.zeros(G, dtype=torch.bool)
+    states = []
+    for k in range(20):
+        steps_to = torch.tensor([50.0 - k]) if k < 8 else torch.tensor([math.inf])
+        shock = torch.tensor([k == 6])
+        al.step_machine(st, upd, True, steps_to, shock, no, cfg)
+        states.append(int(st["state"]))
+    assert states[:7] == [0, 0, al.IMMINENT, al.IMMINENT, al.IMMINENT, al.IMMINENT, al.IN_SHOCK]
+    assert states[7:12] == [al.IN_SHOCK] * 5 and states[12] == al.PRE and int(st["cool"]) > 0
+    # a forecast already in the past does not arm
+    st2 = {k: torch.zeros(G, dtype=torch.long) for k in ("state", "on", "off", "shk", "cool")}
+    st2["div"] = torch.zeros(G, dtype=torch.bool)
+    for _ in range(5):
+        al.step_machine(st2, upd, True, torch.tensor([-3.0]), no, no, cfg)
+    assert int(st2["state"]) == al.PRE

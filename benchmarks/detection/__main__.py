@@ -213,6 +213,8 @@ def render_tables(doc: dict[str, Any], cases: list[Case]) -> str:
         " | forecast error (steps) | forecast error / lead |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    chance_all = res[SHOCKMON]["report"]["chance_precision"]
+    lines[0] += f"; chance precision (alerts at random steps): {_fmt(chance_all)}"
     for det in DETECTORS:
         r = res[det]["report"]
         th = res[det]["threshold"]
@@ -223,9 +225,10 @@ def render_tables(doc: dict[str, Any], cases: list[Case]) -> str:
             f"{_fmt(r['median_lead'], '.0f')} | {_fmt(r['false_alarms_per_1e4_control_steps'], '.1f')} | "
             f"{_fmt(r['median_forecast_error'], '.0f')} | {_fmt(r['median_forecast_error_over_lead'])} |"
         )
-    lines += ["", "Per case (report seeds): recall / precision / median lead; controls: false alarms", "",
-              "| case | W | " + " | ".join(DETECTORS) + " |", "| --- | --- | " + " | ".join("---" for _ in DETECTORS)
-              + " |"]
+    lines += ["", "Per case (report seeds): recall / precision / median lead; controls: false alarms. Chance: the"
+              " precision of alerts at random steps (the share of steps inside a warning window).", "",
+              "| case | W | chance | " + " | ".join(DETECTORS) + " |",
+              "| --- | --- | --- | " + " | ".join("---" for _ in DETECTORS) + " |"]
     for c in cases:
         cells = []
         for det in DETECTORS:
@@ -235,7 +238,9 @@ def render_tables(doc: dict[str, Any], cases: list[Case]) -> str:
             else:
                 cells.append(f"{_fmt(r['recall'], '.2f')} / {_fmt(r['precision'], '.2f')} / "
                              f"{_fmt(r['median_lead'], '.0f')}")
-        lines.append(f"| {c.name} | {c.window if not c.control else '-'} | " + " | ".join(cells) + " |")
+        chance = res[SHOCKMON]["per_case"][c.name]["chance_precision"]
+        lines.append(f"| {c.name} | {c.window if not c.control else '-'} | {_fmt(chance)} | " + " | ".join(cells)
+                     + " |")
     return "\n".join(lines)
 
 

@@ -76,8 +76,8 @@ def _standardised(x: np.ndarray, window: int = Z_WINDOW) -> np.ndarray:
     for i, v in enumerate(x):
         if len(hist) >= MIN_HISTORY and np.isfinite(v):
             a = np.asarray(hist)
-            sd = a.std()
-            z[i] = (v - a.mean()) / max(sd, 1e-12 * max(abs(a.mean()), 1e-300))
+            sd = max(a.std(), 1e-12 * abs(a.mean()), 1e-30)  # a constant history: any change is huge
+            z[i] = float(np.clip((v - a.mean()) / sd, -1e30, 1e30))
         if np.isfinite(v):
             hist.append(float(v))
     return z

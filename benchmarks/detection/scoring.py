@@ -9,7 +9,9 @@ For a transition at step ``t`` of a case with warning window ``W``:
 
 A transition with no alert in its window is **missed**. Per detector, over a set of runs: recall = detected /
 transitions; precision = true positives / (true + false positives), controls included; the lead of a detected
-transition is ``t`` minus its first true alert; false alarms per 10^4 steps are counted on the controls. For
+transition is ``t`` minus its first true alert; false alarms per 10^4 steps are counted on the controls; the
+*chance precision* is the share of the transition runs' steps that lie in a warning window (what alerts at
+random steps would score). For
 shockmon, whose alerts carry a forecast step, the forecast error at the first true alert is ``|predicted -
 t|`` (reported in steps and as a fraction of that alert's lead).
 
@@ -53,6 +55,8 @@ class Score:
     leads: list[int] = field(default_factory=list)
     errors: list[float] = field(default_factory=list)  # |forecast - t| at the first true alert
     rel_errors: list[float] = field(default_factory=list)  # error / lead
+    covered: int = 0  # steps of transition runs inside a warning window
+    case_steps: int = 0  # steps of transition runs
 
     @property
     def recall(self) -> float:
@@ -69,6 +73,12 @@ class Score:
         if not (r > 0 and p > 0):
             return 0.0
         return 2 * p * r / (p + r)
+
+    @property
+    def chance_precision(self) -> float:
+        """The precision of alerts at random steps of the transition runs: the share of their steps that lie in
+        a warning window (high where transitions are frequent, e.g. repeated loss spikes)."""
+        return self.covered / self.case_steps if self.case_steps else math.nan
 
     @property
     def median_lead(self) -> float:
@@ -90,6 +100,12 @@ class Score:
         alerts = sorted(zip(r.alerts, r.predicted or [math.nan] * len(r.alerts)))
         if r.control:
             self.control_steps += r.steps
+        else:
+            self.case_steps += r.steps
+            inside = set()
+            for t in r.transitions:
+                inside.update(range(max(t - r.window, 1), min(t, r.steps) + 1))
+            self.covered += len(inside)
         self.transitions += len(r.transitions)
         used = [False] * len(alerts)
         for t in r.transitions:
@@ -132,6 +148,7 @@ class Score:
             "control_steps": self.control_steps,
             "median_forecast_error": self.median_error,
             "median_forecast_error_over_lead": self.median_rel_error,
+            "chance_precision": self.chance_precision,
         }
 
 
