@@ -14,8 +14,11 @@ step, every callback and module hook, logging, fetching the next batch). On CPU 
 time mostly measures the waits for a core; wall-clock ratios are reported alongside. On CUDA: CUDA events.
 Reported per arm: the median step between log steps, the median log step, the cost per step over a log interval
 (the median step plus the log step's extra cost spread over the interval) and its ratio to the no-callback arm,
-with the min-max over the rounds of the ratio of chunk medians; the same ratio in wall time; memory; the host
-reads in the arm's own hooks between log steps.
+with the min-max over the rounds of the ratio of chunk medians; the same ratio in wall time; the time spent
+inside the arm's own per-step hooks (its callbacks' hooks, the module's ``on_before_optimizer_step`` for
+``grad_norm``; thread CPU time, host time on CUDA), per step over a log interval and as a fraction of the
+no-callback step: a direct measure of the monitor's own work, much less noisy than a difference of step times;
+memory; the host reads in the arm's own hooks between log steps.
 
 Arms (the Trainer logs every ``log_every_n_steps=50`` steps, its default, to a TensorBoard logger):
 
@@ -368,14 +371,16 @@ class _Run(Callback):
         self.bounds = bounds  # steps at which chunks start; the last chunk is instrumented, the last bound closes it
         self.trainer: pl.Trainer | None = None
         self.module: BenchModule | None = None
-        #: per timed chunk: (step completed, wall seconds, thread CPU seconds or None on CUDA)
-        self.chunk_times: list[list[tuple[int, float, float | None]]] = []
+        #: per timed chunk: (step completed, wall seconds, thread CPU seconds or None on CUDA, seconds in the arm's
+        #: own per-step hooks: thread CPU time, host time on CUDA)
+        self.chunk_times: list[list[tuple[int, float, float | None, float]]] = []
+        self.hook_seconds = 0.0
         self.memory = _Memory(device)
         self.mem_mib: float | None = None
         self.state_kib = math.nan
         self.reads = _HostReads(device)
         self._index = -1  # the chunk running (-1: none)
-        self._marks: list[tuple[int, Any, float | None]] = []
+        self._marks: list[tuple[int, Any, float | None, float]] = []
         self._instrumented = False
         self._saved_hooks: list[tuple[Any, str, Any]] = []
 
@@ -385,20 +390,22 @@ class _Run(Callback):
             raise RuntimeError("benchmark aborted")
 
     # -- timing
-    def _mark(self, step: int) -> tuple[int, Any, float | None]:
+    def _mark(self, step: int) -> tuple[int, Any, float | None, float]:
         if self.device == "cuda":
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
-            return step, ev, None
-        return step, time.perf_counter(), time.thread_time()
+            return step, ev, None, self.hook_seconds
+        return step, time.perf_counter(), time.thread_time(), self.hook_seconds
 
     def _close_chunk(self) -> None:
         marks = self._marks
         if self.device == "cuda":
             torch.cuda.synchronize()
-            secs = [(s + 1, a.elapsed_time(b) / 1e3, None) for (s, a, _), (_, b, _) in zip(marks, marks[1:])]
+            secs = [(s + 1, a.elapsed_time(b) / 1e3, None, hb - ha)
+                    for (s, a, _, ha), (_, b, _, hb) in zip(marks, marks[1:])]
         else:
-            secs = [(s + 1, b - a, cb - ca) for (s, a, ca), (_, b, cb) in zip(marks, marks[1:])]  # type: ignore
+            secs = [(s + 1, b - a, cb - ca, hb - ha)  # type: ignore[operator]
+                    for (s, a, ca, ha), (_, b, cb, hb) in zip(marks, marks[1:])]
         if self._instrumented:
             self._uninstrument()
         else:
@@ -421,12 +428,31 @@ class _Run(Callback):
         self._index = index if index < len(self.bounds) - 1 else -1
         if self._index < 0:
             return
+        if self._index == 0:
+            self._time_hooks(trainer)
         self._instrumented = self._index == len(self.bounds) - 2
         if self._instrumented:
             self._instrument(trainer)
         if self.device == "cuda":
             torch.cuda.synchronize()
         self._marks = [self._mark(step)]
+
+    # -- the arm's own hooks, timed from the first timed chunk on
+    def _time_hooks(self, trainer: pl.Trainer) -> None:
+        assert self.module is not None
+        clock = time.perf_counter if self.device == "cuda" else time.thread_time  # CUDA: host time
+
+        for obj, name in _own_hooks(self.arm, trainer, self.module):
+            original = getattr(obj, name)
+
+            def timed(*a: Any, _orig: Any = original, **k: Any) -> Any:
+                t0 = clock()
+                try:
+                    return _orig(*a, **k)
+                finally:
+                    self.hook_seconds += clock() - t0
+
+            setattr(obj, name, timed)  # stays for the rest of the fit
 
     # -- host reads, on the instrumented chunk
     def _instrument(self, trainer: pl.Trainer) -> None:
@@ -606,7 +632,7 @@ def _summarise(case: Case, arms: dict[str, dict[str, Any]], log_every: int) -> d
     time its process waited for a core on a shared machine); wall-clock figures come alongside. On CUDA, CUDA
     event time."""
 
-    def steps(a: dict[str, Any]) -> list[tuple[int, float, float | None]]:
+    def steps(a: dict[str, Any]) -> list[tuple[int, float, float | None, float]]:
         return [tuple(s) for c in a["chunk_times"] for s in c]  # type: ignore[misc]
 
     cpu = steps(arms["none"])[0][2] is not None
@@ -628,6 +654,7 @@ def _summarise(case: Case, arms: dict[str, dict[str, Any]], log_every: int) -> d
     for name, a in arms.items():
         med, log, cost = _per_step(series(a, clock), log_every)
         wall_med, _, wall = _per_step(series(a, 1), log_every)
+        _, _, hooks = _per_step(series(a, 3), log_every)
         pair = [m / b for m, b in zip(chunk_medians(a), base_chunks)]
         mem = math.nan if a["mem_mib"] is None else a["mem_mib"]
         out["arms"][name] = {
@@ -639,6 +666,8 @@ def _summarise(case: Case, arms: dict[str, dict[str, Any]], log_every: int) -> d
             "ratio_chunk_max": max(pair),
             "wall_step_ms_median": 1e3 * wall_med,
             "wall_ratio": wall / base_wall,
+            "hooks_ms_per_step": 1e3 * hooks,
+            "hooks_fraction": hooks / base_cost,
             "peak_mib": mem,
             "peak_mib_over_none": mem - base_mem,
             "state_kib": a["state_kib"],
@@ -650,9 +679,10 @@ def _summarise(case: Case, arms: dict[str, dict[str, Any]], log_every: int) -> d
 
 # ---------------------------------------------------------------------------------------------- output
 def table(results: list[dict[str, Any]]) -> str:
-    cols = [("model", 5, "<"), ("arm", 12, "<"), ("median ms", 10, ">"), ("log step ms", 11, ">"),
+    cols = [("model", 5, "<"), ("arm", 12, "<"), ("median ms", 9, ">"), ("log step ms", 11, ">"),
             ("per step ms", 11, ">"), ("x none", 6, ">"), ("chunks min-max", 14, ">"), ("x none wall", 11, ">"),
-            ("peak MiB", 8, ">"), ("+MiB", 6, ">"), ("state KiB", 9, ">"), ("reads/step", 10, ">")]
+            ("hooks ms", 8, ">"), ("hooks %", 7, ">"), ("+MiB", 6, ">"), ("state KiB", 9, ">"),
+            ("reads/step", 10, ">")]
     head = " ".join(f"{c:{a}{w}}" for c, w, a in cols)
     lines = [head, "-" * len(head)]
     for res in results:
@@ -660,7 +690,8 @@ def table(results: list[dict[str, Any]]) -> str:
             cells = [res["model"], name, f"{r['step_ms_median']:.2f}", f"{r['log_step_ms_median']:.2f}",
                      f"{r['step_ms_per_step']:.2f}", f"{r['ratio']:.3f}",
                      f"{r['ratio_chunk_min']:.2f}-{r['ratio_chunk_max']:.2f}", f"{r['wall_ratio']:.3f}",
-                     f"{r['peak_mib']:.1f}", f"{r['peak_mib_over_none']:+.1f}", f"{r['state_kib']:.1f}",
+                     f"{r['hooks_ms_per_step']:.2f}", f"{100 * r['hooks_fraction']:.1f}",
+                     f"{r['peak_mib_over_none']:+.1f}", f"{r['state_kib']:.1f}",
                      f"{r['host_reads_per_step']:.1f}"]
             lines.append(" ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, cols)))
     return "\n".join(lines)

@@ -53,6 +53,8 @@ def test_overhead_benchmark_quick_prints_its_table_and_writes_json(tmp_path):
             assert r["ratio_chunk_min"] <= r["ratio_chunk_max"]
             assert r["state_kib"] >= 0 and (r["peak_mib"] > 0 or math.isnan(r["peak_mib"]))
         assert res["arms"]["none"]["ratio"] == res["arms"]["none"]["wall_ratio"] == 1.0
+        hooks = {arm: r["hooks_ms_per_step"] for arm, r in res["arms"].items()}
+        assert hooks["none"] == 0 and hooks["shockmon"] > 0 and hooks["grad_norm"] > 0 and hooks["spike"] > 0, hooks
         # what each arm keeps across steps: the monitor's observer and tracker state, next to nothing for the others
         state = {arm: r["state_kib"] for arm, r in res["arms"].items()}
         assert state["none"] < 1 and state["shockmon"] > 10 * max(state["grad_norm"], state["spike"], 1), state
