@@ -362,9 +362,8 @@ def feature_major(xc: Tensor, v: Tensor) -> Tensor:
     return torch.stack([xc, v], 0).permute(0, 3, 1, 2).reshape(2 * D, B * n)
 
 
-def pair_stats(fm: Tensor, idx: Tensor, with_vv: bool = False) -> tuple[Tensor, ...]:
-    """``(|dx|^2, dx.dv)`` (and ``|dv|^2`` when ``with_vv``) over the kNN pairs, shaped ``(K, B, n)``
-    (neighbour-major).
+def pair_stats(fm: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """``(|dx|^2, dx.dv)`` over the kNN pairs, shaped ``(K, B, n)`` (neighbour-major).
 
     Args:
         fm: :func:`feature_major` positions and velocities ``(2D, B n)``.
@@ -379,9 +378,8 @@ def pair_stats(fm: Tensor, idx: Tensor, with_vv: bool = False) -> tuple[Tensor, 
     off = (torch.arange(B, device=idx.device) * n)[:, None, None]
     flat = (idx + off).permute(2, 0, 1).reshape(-1)  # (K, B n)
     d = fm.index_select(1, flat).view(2 * D, K, B * n) - fm.view(2 * D, 1, B * n)
-    dx, dv = d[:D], d[D:]
-    out = ((dx * dx).sum(0).view(K, B, n), (dx * dv).sum(0).view(K, B, n))
-    return (*out, (dv * dv).sum(0).view(K, B, n)) if with_vv else out
+    dx = d[:D]
+    return (dx * dx).sum(0).view(K, B, n), (dx * d[D:]).sum(0).view(K, B, n)
 
 
 def local_rates_pairs(r2: Tensor, dot: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor]:
@@ -403,23 +401,6 @@ def _rates_from(zp: Tensor, inv_r: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor
     return m.values[0] * ir, (math.sqrt(2.0) * sd_v[:, None]) * ir
 
 
-def head_on(r2: Tensor, dot: Tensor, vv: Tensor, sd_v: Tensor, sd_m: Tensor, z: float) -> Tensor:
-    """Whether each pair is on a collision course: its miss distance within ``z`` of its noise.
-
-    Two particles moving on straight lines come closest at the miss distance ``b``, ``b^2 = |dx|^2 -
-    (dx.dv)^2 / |dv|^2``; an approaching pair with ``b`` significantly above zero passes by, it does not cross.
-    The noise of ``b`` is that of the positions plus the direction of ``dv``: ``s_b^2 = 2 sd_m^2 + |dx|^2 2
-    sd_v^2 / |dv|^2``. Strict on purpose: on real training runs a looser cone (pairs within 30 degrees of head
-    on) fired throughout, while a compression along one direction of a cloud in ``D <= 3`` is the Jacobian's
-    job. Args: ``(K, B, n)`` pair statistics, ``(B,)`` noise SDs.
-    """
-    tiny = torch.finfo(r2.dtype).tiny
-    vv_ = vv.clamp_min(tiny)
-    b2 = (r2 - dot * dot / vv_).clamp_min(0)
-    sb2 = 2.0 * sd_m[None, :, None] ** 2 + r2 * 2.0 * sd_v[None, :, None] ** 2 / vv_
-    return b2 <= (z * z) * sb2
-
-
 def pairs_rates_and_collapse(
     r2: Tensor,
     dot: Tensor,
@@ -428,16 +409,18 @@ def pairs_rates_and_collapse(
     sd_m: Tensor,
     nu: Tensor,
     z: float,
-    vv: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`local_rates_pairs` and :func:`collapse_pairs` in one pass over ``(K, B, n)`` pair statistics.
 
-    With ``vv = |dv|^2`` (``D > 1``), only pairs on a collision course (:func:`head_on`) count as closing.
+    Every approaching pair counts, whatever its transverse offset: under the theory's assumption that the
+    velocity is a gradient field, ``J`` is symmetric and ``dx.dv / |dx|^2 = e^T J e`` along the pair direction
+    ``e``, so a pair that "passes by" in ``D > 1`` still measures a real compression (a fold of the
+    characteristics onto a surface, not a point collision). Requiring a collision course instead rejected the
+    textbook 1-D fold of units whose other coordinates differ (``tests/test_distributed.py``'s scripted
+    crossing); the false alarms it was meant to stop are the forecast-consistency gate's job.
     """
     inv_r = torch.rsqrt(r2.clamp_min(torch.finfo(r2.dtype).tiny))
     zp = dot * inv_r  # = -c
-    if vv is not None:
-        zp = torch.where(head_on(r2, dot, vv, sd_v, sd_m, z), zp, torch.zeros_like(zp))
     lam, se = _rates_from(zp, inv_r, sd_v)
     return lam, se, _collapse(r2, dot, zp, inv_r, dt_now, sd_v, sd_m, nu, z, gdim=1)
 

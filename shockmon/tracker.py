@@ -190,13 +190,11 @@ class BurgersTracker:
             ``rank``.
         method: ``"auto"`` (least-squares Jacobian when ``D <= 3`` and ``K >= 2D + 1``, with closed-form
             eigenvalues; pairwise closing times otherwise), ``"jacobian"`` (``torch.linalg.eigh`` beyond ``D =
-            3``) or ``"pairs"``. In ``D > 1`` a pair counts as closing only when it is on a collision course
-            (its straight-line miss distance within noise of zero): most approaching pairs pass each other,
-            and counting them made the tracker fire throughout real training runs (``benchmarks/detection``).
+            3``) or ``"pairs"`` (every approaching pair measures ``e^T J e`` along its direction; see
+            :func:`shockmon._particles.pairs_rates_and_collapse` for why transverse offsets do not matter).
             The Jacobian's smallest eigenvalue is tested against ``z + sqrt(2 (D - 1))`` standard errors (the
             smallest of ``D`` noisy eigenvalues is biased low). In ``D = 9`` (a rescaling layer's units) the
-            Jacobian over 19 neighbours behaved like collision-course pairs on the benchmark at 5-20x the
-            cost, so ``"auto"`` keeps pairs there.
+            Jacobian over 19 neighbours cost 5-20x the pairs on the benchmark, so ``"auto"`` keeps pairs there.
         time: ``"step"`` or ``"lr"`` (learning-rate time ``t = sum lr``; forecasts are converted back to steps
             at the current learning rate).
         n_on, n_off: updates a condition must hold to arm / disarm.
@@ -747,12 +745,12 @@ class BurgersTracker:
                 lam, se, sdv, r2, dot = pt.local_rates_jacobian(xc, v, b.knn, sdv, sd_m.to(b.dtype))
                 ztests = n
             else:
-                r2, dot, vv = pt.pair_stats(pt.feature_major(xc, v), b.knn, with_vv=True)
+                r2, dot = pt.pair_stats(pt.feature_major(xc, v), b.knn)
                 ztests = n * k_eff
         z = pt.bonferroni_z(self.alpha, ztests)
         if method == "pairs":
             lam, se, coll = pt.pairs_rates_and_collapse(
-                r2, dot, dt_now, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z, vv if D > 1 else None
+                r2, dot, dt_now, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z
             )
         else:
             coll = pt.collapse_pairs(r2, dot, dt_now, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z)

@@ -473,18 +473,9 @@ def test_tracker_doctests():
 
 # ----------------------------------------------------------------------------------------------------
 # lessons from real training runs (benchmarks/detection)
-def test_tracker_pairs_count_only_collision_courses():
-    """Closing pairs count only on a collision course; a planar shock in 2-D is the Jacobian's (auto), and is
-    forecast; a ballistic 8-D gas (pairs) is not."""
-    from shockmon import _particles as pt
-
-    dx = torch.tensor([[[1.0, 0.0], [1.0, 0.3], [1.0, 2.0]]])  # (K=1, B=1, n=3, D=2) as (..., D)
-    dv = torch.full((1, 1, 3, 2), 0.0)
-    dv[..., 0] = -0.01
-    r2, dot, vv = (dx * dx).sum(-1), (dx * dv).sum(-1), (dv * dv).sum(-1)
-    hit = pt.head_on(r2, dot, vv, torch.tensor([1e-5]), torch.tensor([1e-4]), 3.0)
-    assert hit.tolist() == [[[True, False, False]]]
-
+def test_tracker_planar_fold_is_forecast_ballistic_gas_is_not():
+    """A planar shock in 2-D (a fold along x, the y offsets static) is forecast; a ballistic 8-D gas (pairs,
+    independent straight lines) is not."""
     g = torch.Generator().manual_seed(0)
     n = 256
     x0 = (torch.rand(n, generator=g) * 2 - 1) * math.pi
@@ -493,12 +484,20 @@ def test_tracker_pairs_count_only_collision_courses():
     x8 = torch.randn(n, 8, generator=g)
     v8 = 0.01 * torch.randn(n, 8, generator=g)
     gas = BurgersTracker(horizon=200)
+    # the same fold in 9-D (pairs): 8 static coordinates set the units apart, as a rescaling layer's directions
+    # do; the pairs pass each other there, and still measure the fold along x
+    offsets = 0.3 * torch.randn(64, 8, generator=g)
+    x9 = (torch.rand(64, generator=g) * 2 - 1) * math.pi
+    fold9 = BurgersTracker(horizon=200)
     for step in range(121):
         xy = torch.stack([x0 - 0.01 * step * torch.sin(x0), y0], 1)  # crossing at step 100, along x only
         planar.update(step, {"sheet": xy + 1e-4 * torch.randn(n, 2, generator=g)})
         gas.update(step, {"gas": x8 + step * v8 + 1e-4 * torch.randn(n, 8, generator=g)})
-    f = first(planar.poll(), EventKind.FORECAST)
-    assert f is not None and f < 100
+        u9 = torch.cat([(x9 - 0.01 * step * torch.sin(x9))[:, None], offsets], 1)
+        fold9.update(step, {"units": u9 + 1e-4 * torch.randn(64, 9, generator=g)})
+    for tracker in (planar, fold9):
+        f = first(tracker.poll(), EventKind.FORECAST)
+        assert f is not None and f < 100
     assert gas.poll() == []
 
 

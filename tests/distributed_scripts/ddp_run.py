@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 # isort: off
-from dist_common import CollectiveLog, KeyLogger, Recorder, rank  # first: puts tests/ on sys.path
+from dist_common import CollectiveLog, KeyLogger, Recorder, exit_cleanly, rank  # first: puts tests/ on sys.path
 from callback_models import ScriptedTransition, loader
 # isort: on
 
@@ -160,3 +160,4 @@ if __name__ == "__main__":
     parser.add_argument("--runs", default="full,first,resumed,diverge")
     args = parser.parse_args()
     main(args.out, args.devices, tuple(args.runs.split(",")), CollectiveLog().install())
+    exit_cleanly()

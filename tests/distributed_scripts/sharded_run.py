@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from dist_common import CollectiveLog, KeyLogger, Recorder
+from dist_common import CollectiveLog, KeyLogger, Recorder, exit_cleanly
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -152,3 +152,4 @@ if __name__ == "__main__":
     parser.add_argument("--devices", type=int, default=2)
     args = parser.parse_args()
     main(args.out, args.devices, CollectiveLog().install())
+    exit_cleanly()
