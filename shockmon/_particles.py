@@ -377,9 +377,11 @@ def pair_stats(fm: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     D = fm.shape[0] // 2
     off = (torch.arange(B, device=idx.device) * n)[:, None, None]
     flat = (idx + off).permute(2, 0, 1).reshape(-1)  # (K, B n)
-    d = fm.index_select(1, flat).view(2 * D, K, B * n) - fm.view(2 * D, 1, B * n)
+    d = fm.index_select(1, flat).view(2 * D, K, B * n)
+    d.sub_(fm.view(2 * D, 1, B * n))  # in place: the (2D, K, B n) buffer is the largest the tracker makes
     dx = d[:D]
-    return (dx * dx).sum(0).view(K, B, n), (dx * d[D:]).sum(0).view(K, B, n)
+    dot = d[D:].mul_(dx).sum(0)
+    return dx.square_().sum(0).view(K, B, n), dot.view(K, B, n)
 
 
 def local_rates_pairs(r2: Tensor, dot: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor]:
