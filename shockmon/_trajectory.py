@@ -12,6 +12,7 @@ line's zero ``t* = t - (1/s)/b`` is the forecast blow-up time.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -44,10 +45,21 @@ def quadratic_weights(times: Tensor, filled: int) -> tuple[Tensor, Tensor, Tenso
 def quadratic_design_host(
     times: list[float], filled: int, device: torch.device
 ) -> tuple[Tensor, Tensor, float, float]:
-    """:func:`quadratic_weights` for host-known times: ``(W, X, tbar, var_b)``, design ``X`` ``(L, 3)``."""
-    L = len(times)
+    """:func:`quadratic_weights` for host-known times: ``(W, X, tbar, var_b)``, design ``X`` ``(L, 3)``.
+
+    The design depends on the times only relative to their first one, so it is cached under those offsets: with
+    evenly spaced steps the ring's ``L`` rotations are all there is, and each step costs a dictionary lookup.
+    """
+    t0 = float(times[0])
+    W, X, tbar_rel, var_b = _design_cached(tuple(float(t) - t0 for t in times), filled, device)
+    return W, X, tbar_rel + t0, var_b
+
+
+@functools.lru_cache(maxsize=512)
+def _design_cached(rel: tuple[float, ...], filled: int, device: torch.device) -> tuple[Tensor, Tensor, float, float]:
+    L = len(rel)
     valid = np.arange(L) < filled
-    t = np.where(valid, np.asarray(times, dtype=np.float64), 0.0)
+    t = np.where(valid, np.asarray(rel, dtype=np.float64), 0.0)
     tbar = float(t[valid].mean())
     u = (t - tbar) * valid
     X = np.stack([valid.astype(np.float64), u, u * u], 1)
