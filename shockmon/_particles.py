@@ -21,6 +21,7 @@ The steps, in order:
 
 from __future__ import annotations
 
+import functools
 import math
 from statistics import NormalDist
 from typing import Any
@@ -95,6 +96,28 @@ def window_weights_host(
     for j in range(1, len(chron)):
         var_walk += (chron[j][0] - chron[j - 1][0]) * cs[j] ** 2
     return w_slope, w_mean, tbar, 1.0 / stt, var_walk
+
+
+def window_fit_weights(
+    times: list[float], filled: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, float, float, float]:
+    """:func:`window_weights_host` as the ``(2, filled)`` weight tensor of :func:`fit_window` (the mean's, then
+    the slope's), with ``(tbar, var_iid, var_walk)``.
+
+    The weights depend on the times only relative to the first one, so they are cached under those offsets:
+    with evenly spaced steps the ring's ``L`` rotations are all there is.
+    """
+    t0 = float(times[0])
+    w, tbar_rel, var_iid, var_walk = _fit_weights_cached(tuple(float(t) - t0 for t in times), filled, dtype, device)
+    return w, tbar_rel + t0, var_iid, var_walk
+
+
+@functools.lru_cache(maxsize=512)
+def _fit_weights_cached(
+    rel: tuple[float, ...], filled: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, float, float, float]:
+    ws, wm, tbar, var_iid, var_walk = window_weights_host(list(rel), filled)
+    return torch.tensor([wm[:filled], ws[:filled]], dtype=dtype, device=device), tbar, var_iid, var_walk
 
 
 def fit_window(pos: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:

@@ -700,8 +700,7 @@ class BurgersTracker:
             return pack(inf_b, inf_b, inf_b, zero_b, zero_b, nan_b, none_units)
         # ---- least-squares fit over the window
         if b.times_host is not None:
-            ws, wm, tc_h, var_iid, var_walk = pt.window_weights_host(b.times_host, filled)
-            w = torch.tensor([wm[:filled], ws[:filled]], dtype=b.dtype, device=dev)
+            w, tc_h, var_iid, var_walk = pt.window_fit_weights(b.times_host, filled, b.dtype, dev)
             tc = torch.tensor(tc_h, dtype=torch.float64, device=dev)
             tn: list[Any] = b.times_host
         else:
