@@ -500,8 +500,15 @@ def _collapse(
 
 
 def reduce_group(
-    lam: Tensor, se: Tensor, valid: Tensor, z: float, rank: int, quantile: float | None, k_units: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    lam: Tensor,
+    se: Tensor,
+    valid: Tensor,
+    z: float,
+    rank: int,
+    quantile: float | None,
+    k_units: int,
+    collective: int = 1,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Significance, time to shock and a robust minimum over each group.
 
     Args:
@@ -513,12 +520,14 @@ def reduce_group(
             and an order statistic is far less noisy than the minimum of many noisy estimates.
         quantile: when given, the ``quantile`` of the significant ``tau`` instead.
         k_units: number of unit indices to report.
+        collective: the ``collective``-th smallest significant ``tau`` is returned too (``inf`` when fewer are
+            significant): when a macroscopic share of the group will have crossed.
 
     Returns:
-        ``(tau, strength, units, sd_tau)``: ``tau = -1/lambda`` of the group (``inf`` when nothing is
-        significant), the largest ``-lambda/SE`` among significant particles, the indices of the ``k_units``
-        most compressive significant particles (``-1`` padding), and the standard error of ``tau`` (``tau^2
-        SE``).
+        ``(tau, strength, units, sd_tau, tau_collective)``: ``tau = -1/lambda`` of the group (``inf`` when
+        nothing is significant), the largest ``-lambda/SE`` among significant particles, the indices of the
+        ``k_units`` most compressive significant particles (``-1`` padding), the standard error of ``tau``
+        (``tau^2 SE``), and the ``collective``-th smallest significant ``tau``.
     """
     tiny = torch.finfo(lam.dtype).tiny
     sig = valid & (lam + z * se < 0) & torch.isfinite(lam)
@@ -530,7 +539,7 @@ def reduce_group(
     strength = zscore.amax(1)
     score = torch.where(sig, -lam, torch.full_like(lam, -math.inf))
     B, n = lam.shape
-    k = min(max(k_units, rank), n)
+    k = min(max(k_units, rank, collective), n)
     if quantile is None:
         # one topk for both the rank statistic (smallest tau) and the units (most compressive): same order
         top = torch.topk(score, k, dim=1)
@@ -543,6 +552,10 @@ def reduce_group(
         kq = torch.floor(quantile * (n_sig - 1).clamp_min(0).to(lam.dtype)).long()[:, None]
         pick = srt.indices.gather(1, kq)
     tau_g = tau.gather(1, pick)[:, 0]
+    kc = min(collective, n)
+    # the top-k is ordered by -lambda, which orders tau = -1/lambda the same way among significant particles
+    tau_c = tau.gather(1, top.indices[:, kc - 1 : kc])[:, 0]
+    tau_c = torch.where(n_sig >= collective, tau_c, torch.full_like(tau_c, math.inf))
     # uncertainty of the group's forecast: delta method on tau = -1/lambda of the chosen particle
     sd_tau = torch.where(
         torch.isfinite(tau_g), (tau_g**2) * se.gather(1, pick)[:, 0], torch.full_like(tau_g, math.inf)
@@ -554,4 +567,4 @@ def reduce_group(
     if ku < k_units:
         pad = torch.full((B, k_units - ku), -1, dtype=units.dtype, device=units.device)
         units = torch.cat([units, pad], 1)
-    return tau_g, strength, units, sd_tau
+    return tau_g, strength, units, sd_tau, tau_c

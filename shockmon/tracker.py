@@ -186,6 +186,11 @@ class BurgersTracker:
             statistic is much steadier than the minimum of many noisy estimates, and biased late by only about
             ``T'' (rank * spacing / 2)^2 / 2`` where ``T(x0)`` is the crossing time of the characteristic from
             ``x0``).
+        collective: a forecast counts only while at least this fraction of the group's tracked particles
+            (``ceil(collective * n)``, at least ``rank``) are due to cross within ``horizon``: a shock worth an
+            alert is collective, a macroscopic share of a layer's units. Units overtaking one another in ones
+            and twos happen throughout ordinary training. The forecast itself stays the ``rank``-th time (a
+            point shock of a smooth profile is first reached by a few particles). ``0``: no such gate.
         quantile: if given, use this quantile of the significant particles' times to shock instead of
             ``rank``.
         method: ``"auto"`` (least-squares Jacobian when ``D <= 3`` and ``K >= 2D + 1``, with closed-form
@@ -248,6 +253,7 @@ class BurgersTracker:
         *,
         alpha: float = 1e-3,
         rank: int = 2,
+        collective: float = 0.05,
         quantile: float | None = None,
         method: str = "auto",
         time: str = "step",
@@ -271,6 +277,7 @@ class BurgersTracker:
         self.neighbors = _int_arg("neighbors", neighbors, 2)
         self.alpha = _float_arg("alpha", alpha, 0.0, 0.5)
         self.rank = _int_arg("rank", rank, 1)
+        self.collective = _float_arg("collective", collective, 0.0, 1.0, open_low=False)
         self.quantile = (
             None if quantile is None else _float_arg("quantile", quantile, 0.0, 1.0, open_low=False)
         )
@@ -758,8 +765,14 @@ class BurgersTracker:
             if D > 1:  # the smallest of D noisy eigenvalues sits ~sqrt(2(D - 1)) SEs below zero: add it
                 se = se * (1.0 + math.sqrt(2.0 * (D - 1)) / z)
         rank = min(self.rank, n)
-        tau, strength, units, sd_tau = pt.reduce_group(lam, se, fin, z, rank, self.quantile, self.units)
+        n_coll = max(rank, math.ceil(self.collective * n))
+        tau, strength, units, sd_tau, tau_c = pt.reduce_group(
+            lam, se, fin, z, rank, self.quantile, self.units, n_coll
+        )
         tau = tau.double()
+        if n_coll > rank:  # not a collective crossing within the horizon: no forecast
+            due = (tau_c.double() - dt_now) <= self.horizon * self._g["rate"]
+            tau = torch.where(due, tau, torch.full_like(tau, math.inf))
         return pack(
             tc + tau,
             sd_tau.double(),
@@ -970,7 +983,7 @@ class BurgersTracker:
     # ------------------------------------------------------------------ persistence
     def _config(self) -> dict[str, Any]:
         keys = (
-            "horizon window neighbors alpha rank quantile method time n_on n_off disarm_horizon cooldown "
+            "horizon window neighbors alpha rank collective quantile method time n_on n_off disarm_horizon cooldown "
             "warmup "
             "shock_updates riccati_window trajectory_window trajectory_alerts max_particles knn_every units"
             " capacity seed"
