@@ -89,6 +89,10 @@ from lightning.pytorch.utilities import grad_norm  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
+# the modules the monitor imports lazily, imported here: every arm's forked process runs the code of the commit
+# recorded at the start, whatever happens to the working tree during a long run
+import shockmon.observer  # noqa: E402, F401
+import shockmon.tracker  # noqa: E402, F401
 from benchmarks.models import TinyGPT, n_params  # noqa: E402
 from shockmon import ShockMonitor  # noqa: E402
 
@@ -741,6 +745,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = {"mlp": (100, 10, 100), "cnn": (70, 5, 60), "gpt": (70, 5, 25), "gpt2": (70, 5, 40)}
     results = []
     t0 = time.perf_counter()
+    commit = _commit()  # the code measured is the code imported now, not what the tree holds at the end
     for n in names:
         warmup, chunk, rounds = (4, 2, 4) if args.quick else plan[n]
         rounds = args.rounds or rounds
@@ -751,7 +756,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"# {n}: {res['describe']}, {res['params'] / 1e6:.2f}M parameters, {rounds} x {chunk} steps per"
               f" arm, {time.perf_counter() - t0:.0f} s", flush=True)
     doc = {
-        "commit": _commit(),
+        "commit": commit,
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
