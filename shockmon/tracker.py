@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from shockmon import _alerts as al
@@ -950,11 +951,22 @@ class BurgersTracker:
 
     def poll(self) -> list[ShockEvent]:
         """Events since the last poll, in step order. The one host synchronisation (one transfer)."""
+        blob = self.poll_tensor()
+        return [] if blob is None else self.poll_host(blob.cpu())
+
+    def poll_tensor(self) -> Tensor | None:
+        """The device tensor :meth:`poll` reads (event counter and ring), for a caller that copies it to the host
+        together with other values (``ShockMonitor``: one transfer per log step); ``None`` before the first
+        update. Hand the host copy to :meth:`poll_host`."""
         if self._device is None:
-            return []
+            return None
         g = self._g
+        return torch.cat([g["counter"].double().reshape(1), g["buf"].reshape(-1).double()])
+
+    def poll_host(self, blob: Tensor | np.ndarray) -> list[ShockEvent]:
+        """The events since the last poll from a host copy of :meth:`poll_tensor` (marks them read)."""
+        blob = torch.as_tensor(blob, dtype=torch.float64)
         cap = self.capacity
-        blob = torch.cat([g["counter"].double().reshape(1), g["buf"].reshape(-1)]).cpu()
         total = int(blob[0])
         buf = blob[1:].reshape(cap + 1, -1)
         start = self._read
@@ -983,8 +995,8 @@ class BurgersTracker:
     # ------------------------------------------------------------------ persistence
     def _config(self) -> dict[str, Any]:
         keys = (
-            "horizon window neighbors alpha rank collective quantile method time n_on n_off disarm_horizon cooldown "
-            "warmup "
+            "horizon window neighbors alpha rank collective quantile method time n_on n_off disarm_horizon "
+            "cooldown warmup "
             "shock_updates riccati_window trajectory_window trajectory_alerts max_particles knn_every units"
             " capacity seed"
         ).split()

@@ -198,6 +198,33 @@ def test_shock_monitor_does_not_sync_between_log_steps(tmp_path):
     assert monitor.num_observations == 30
 
 
+def test_shock_monitor_reads_the_device_once_per_log_step(tmp_path, monkeypatch):
+    """A log step copies one tensor to the host: the values, summary and the tracker's new events together."""
+    monitor = ShockMonitor(log_every_n_steps=10, horizon=100)
+    copies: list[int] = []
+    cpu = torch.Tensor.cpu
+    read = monitor._read
+
+    def counting_read(trainer, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls = [0]
+
+        def counted(self, *a, **k):  # type: ignore[no-untyped-def]
+            calls[0] += 1
+            return cpu(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, "cpu", counted)
+        try:
+            return read(trainer, *args, **kwargs)
+        finally:
+            monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+            copies.append(calls[0])
+
+    monitor._read = counting_read
+    trainer(tmp_path, [monitor], max_steps=80).fit(ScriptedTransition())
+    assert copies == [1] * 8
+    assert any(e.kind is EventKind.FORECAST for e in monitor.events)  # the events still arrive
+
+
 # ---------------------------------------------------------------------------- when it observes
 def test_shock_monitor_observes_once_per_optimizer_step_under_accumulation(tmp_path):
     monitor = ShockMonitor(log_every_n_steps=2)

@@ -688,7 +688,11 @@ class ShockMonitor(Callback):
         assert self._tracker is not None
         values = self._values or {}
         summary = self._tracker.summary()
-        new_events = self._tracker.poll()
+        # the tracker's events ride along in the one transfer; a tracker without poll_tensor (a custom one from
+        # an overridden _make_tracker) is polled on its own
+        one_copy = hasattr(self._tracker, "poll_tensor")
+        events_blob = self._tracker.poll_tensor() if one_copy else None
+        new_events = [] if one_copy else self._tracker.poll()
         histograms = self._histogram_due(step) and trainer.is_global_zero
         device_values: dict[str, Tensor] = {k: v for k, v in values.items() if v.ndim == 0}
         device_values.update({f"summary:{k}": v for k, v in summary.items()})
@@ -702,7 +706,12 @@ class ShockMonitor(Callback):
         device_values.update({f"particles:{g}": v for g, v in particles.items()})
         if self._nonfinite_grads is not None:
             device_values["grads:nonfinite"] = self._nonfinite_grads
-        host = to_host(device_values)  # the one device→host transfer
+        if events_blob is not None:
+            device_values["events:blob"] = events_blob
+        host = to_host(device_values)  # the one device→host transfer (the tracker's events ride along)
+        blob = host.pop("events:blob", None)
+        if blob is not None:
+            new_events = self._tracker.poll_host(blob)
         self._note_nonfinite_grads(step, host.pop("grads:nonfinite", None), new_events)
 
         for e in new_events:
