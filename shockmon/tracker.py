@@ -24,7 +24,7 @@ import copy
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -329,6 +329,7 @@ class BurgersTracker:
         """Forget all groups, history, state and buffered events (the configuration is kept)."""
         self._device: torch.device | None = None
         self._names: list[str] = [TRAJECTORY]
+        self._retired: set[str] = set()  # dropped groups: their index stays (event rows name it), state is freed
         self._shape: dict[str, tuple[int, int, torch.dtype]] = {}
         self._buckets: list[_Bucket] = []
         self._where: dict[str, tuple[int, int]] = {}
@@ -409,6 +410,37 @@ class BurgersTracker:
         g["pred"][gi] = math.inf
         g["steps"][gi] = math.inf
         g["nu"][gi] = math.nan
+
+    @property
+    def groups(self) -> list[str]:
+        """The groups tracked now, in first-seen order (dropped ones excluded)."""
+        return [nm for nm in self._names[1:] if nm not in self._retired]
+
+    def drop(self, names: Iterable[str]) -> None:
+        """Stop tracking groups: their particle history is freed, their alert state cleared, and they leave
+        :meth:`forecast` and :meth:`summary`. Events of theirs not yet polled are kept. A dropped name fed
+        again starts afresh. ``ShockMonitor`` drops the groups a rebuilt observer no longer has.
+
+        Example:
+            >>> t = BurgersTracker()
+            >>> for step in range(3):
+            ...     t.update(step, {"a": torch.randn(8), "b": torch.randn(8)})
+            >>> t.drop(["b"])
+            >>> t.groups, sorted(k for k in t.summary() if k.startswith("forecast/"))
+            (['a'], ['forecast/a', 'forecast/trajectory'])
+        """
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [nm for nm in names if nm not in self._shape]
+        if unknown:
+            raise ValueError(
+                f"Expected groups the tracker has, one of {self.groups}, but got {unknown} in `names`"
+            )
+        for nm in names:
+            if nm in self._where:
+                self._detach(nm)
+            del self._shape[nm]
+            self._restart_group(nm)
+            self._retired.add(nm)
 
     def _detach(self, name: str) -> None:
         bi, j = self._where.pop(name)
@@ -529,6 +561,7 @@ class BurgersTracker:
             if name not in self._shape:
                 if name not in self._names:
                     self._add_group(name)
+                self._retired.discard(name)
             elif self._shape[name] != (n, D, dtype):
                 on, oD, odt = self._shape[name]
                 what = (
@@ -910,7 +943,7 @@ class BurgersTracker:
         return {nm: pred[i] for i, nm in self._ordered()}
 
     def _ordered(self) -> list[tuple[int, str]]:
-        items = [(i, nm) for i, nm in enumerate(self._names) if i > 0]
+        items = [(i, nm) for i, nm in enumerate(self._names) if i > 0 and nm not in self._retired]
         return items + [(0, TRAJECTORY)]
 
     def summary(self) -> dict[str, Tensor]:
@@ -1009,6 +1042,7 @@ class BurgersTracker:
             "config": self._config(),
             "device": None if self._device is None else str(self._device),
             "names": list(self._names),
+            "retired": sorted(self._retired),
             "shape": {k: (n, D, str(dt).replace("torch.", "")) for k, (n, D, dt) in self._shape.items()},
             "buckets": [b.to_dict() for b in self._buckets],
             "hist_count": list(self._hist_count),
@@ -1037,6 +1071,7 @@ class BurgersTracker:
         dev = first.device
         self._device = dev
         self._names = list(d["names"])
+        self._retired = set(d.get("retired", ()))  # absent from states saved before drop() existed
         self._shape = {k: (int(n), int(D), getattr(torch, dt)) for k, (n, D, dt) in d["shape"].items()}
         self._buckets = [_Bucket.from_dict(bd, dev) for bd in d["buckets"]]
         self._reindex()

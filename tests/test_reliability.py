@@ -291,6 +291,10 @@ def _to_double(m: TinyMLP) -> None:
     m.double()
 
 
+def _linear_only(m: TinyMLP) -> None:  # the hidden layer goes, and with it the rescaling group
+    m.net = nn.Sequential(nn.Linear(4, 2))
+
+
 CHANGES: dict[str, tuple[Callable[[TinyMLP], None], str]] = {
     "add_head": (_add_head, "added 'head2.weight' [2, 4]"),
     "replace_layer": (_replace_layer, "'net.2.weight' replaced by a new tensor"),
@@ -298,6 +302,7 @@ CHANGES: dict[str, tuple[Callable[[TinyMLP], None], str]] = {
     "remove_head": (_remove_head, "removed 'aux.weight'"),
     "freeze": (_freeze, "'net.0.weight' frozen"),
     "to_double": (_to_double, "'net.0.weight' dtype float32 -> float64"),
+    "drop_group": (_linear_only, "removed 'net.2.weight'"),
 }
 
 
@@ -336,6 +341,13 @@ def test_reliability_parameters_changed_during_fit_rebuild_the_observer_without_
     if case == "widen_group":  # the tracker restarts the group's history
         assert any("Group 'rescale/net.0' changed size from 8x9 to 12x9" in m for m in ours), ours
     assert monitor.num_observations == 15
+    # the tracker follows the rebuilt observer: no forecast of a group that is no longer observed
+    now = set(monitor._observer.units())
+    assert {k[len("shockmon/forecast/") :] for k in monitor.last_metrics if k.startswith("shockmon/forecast/")} == {
+        *now,
+        "trajectory",
+    }
+    assert monitor._tracker.groups == [g for g in monitor._tracker.groups if g in now]
     # the last read (step 15) shows the parameters as they are now, not as the observer first saw them
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     raw = {k[len("shockmon/raw/") :]: v for k, v in monitor.last_metrics.items() if k.startswith("shockmon/raw/")}

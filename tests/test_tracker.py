@@ -550,3 +550,24 @@ def test_tracker_collective_gate_ignores_a_few_crossing_units():
     assert collective is not None and collective < 100
     with pytest.raises(ValueError, match="collective"):
         BurgersTracker(collective=1.5)
+
+
+def test_tracker_drop_frees_a_group_and_a_dropped_name_starts_afresh():
+    g = torch.Generator().manual_seed(0)
+    tracker = BurgersTracker()
+    for step in range(20):
+        tracker.update(step, {"a": torch.randn(16, 3, generator=g), "b": torch.randn(32, generator=g)})
+    before = tracker.state_dict()
+    tracker.drop("b")
+    after = tracker.state_dict()
+    assert tracker.groups == ["a"] and after["retired"] == ["b"]
+    assert len(after["buckets"]) == len(before["buckets"]) - 1  # its particle history is gone
+    assert not any(k.endswith("/b") for k in tracker.summary()) and "b" not in tracker.forecast()
+    with pytest.raises(ValueError, match=r"\['zz'\] in `names`"):
+        tracker.drop(["zz"])
+    # a round trip keeps it dropped; fed again, it is tracked from scratch
+    restored = BurgersTracker()
+    restored.load_state_dict(after)
+    assert restored.groups == ["a"]
+    restored.update(20, {"a": torch.randn(16, 3, generator=g), "b": torch.randn(32, generator=g)})
+    assert restored.groups == ["a", "b"] and "forecast/b" in restored.summary()

@@ -330,6 +330,7 @@ class ShockMonitor(Callback):
         self._hist_every = 0
         self._last_step = -1  # the last global_step seen at a batch end
         self._pending_grads: dict[str, Tensor] = {}
+        self._drop_stale_groups = False  # after a rebuild: the tracker forgets groups the observer no longer has
         self._step_lr: float | None = None  # the learning rate the observed step applied (before a scheduler)
         self._values: dict[str, Tensor] | None = None  # the latest observation's values (device tensors)
         self._values_step = -1
@@ -638,6 +639,7 @@ class ShockMonitor(Callback):
         )
         self._param_signature = signature
         self._observer = self._make_observer(pl_module)
+        self._drop_stale_groups = True
         self._pending_grads = {}  # computed from the old parameters
         self._values = None
         if self.print_summary:
@@ -669,6 +671,11 @@ class ShockMonitor(Callback):
         values.update(self._pending_grads)
         self._pending_grads = {}
         groups = self._observer.units()
+        if self._drop_stale_groups:  # host metadata only: the names the tracker has against those it gets now
+            self._drop_stale_groups = False
+            stale = [g for g in getattr(self._tracker, "groups", ()) if g not in groups]
+            if stale:
+                self._tracker.drop(stale)
         if self.snapshot_units:
             self._particles = groups
         trajectory = trajectory if trajectory.numel() else None  # shapes are host metadata: no sync
