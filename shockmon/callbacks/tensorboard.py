@@ -7,6 +7,7 @@ from TensorBoard itself: the writers come from Lightning's ``TensorBoardLogger.e
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -46,15 +47,18 @@ def _fmt_step(x: float) -> str:
 
 
 def alerts_markdown(events: Sequence[ShockEvent]) -> str:
-    """A markdown table of ``events``: what, where, when, the forecast shock step, the lead and the strength.
+    """A markdown table of ``events``: what, where, when, the forecast shock step, the lead and the strength;
+    then the events exactly, as JSON in an HTML comment (TensorBoard's renderer drops comments; ``shockmon
+    report`` reads them, so its numbers are not the table's rounded ones).
 
     Example:
         >>> from shockmon.events import EventKind
-        >>> event = ShockEvent(EventKind.FORECAST, "mlp.0", "particle", 120, 180.0, 4.2, (3, 17))
+        >>> event = ShockEvent(EventKind.FORECAST, "mlp.0", "particle", 120, 180.25, 4.2, (3, 17))
         >>> print(alerts_markdown([event]))
         | step | kind | group | view | forecast shock step | lead (steps) | strength | units |
         | ---: | --- | --- | --- | ---: | ---: | ---: | --- |
         | 120 | **forecast** | `mlp.0` | particle | 180 | 60 | 4.20 | 3, 17 |
+        <!-- shockmon-events [[120, "forecast", "mlp.0", "particle", 180.25, 4.2, [3, 17]]] -->
     """
     lines = [
         "| step | kind | group | view | forecast shock step | lead (steps) | strength | units |",
@@ -66,7 +70,29 @@ def alerts_markdown(events: Sequence[ShockEvent]) -> str:
             f"| {e.step} | **{e.kind.value}** | `{e.group}` | {e.channel} | {_fmt_step(e.predicted_step)} "
             f"| {_fmt_step(e.lead)} | {e.strength:.2f} | {units} |"
         )
+    exact = [
+        [
+            e.step,
+            e.kind.value,
+            e.group,
+            e.channel,
+            _finite_or_none(e.predicted_step),
+            _finite_or_none(e.strength),
+            list(e.units),
+        ]
+        for e in events
+    ]
+    # ">" appears in JSON only inside strings: escaped, a group name cannot close the comment early
+    lines.append(f"{EVENTS_COMMENT} {json.dumps(exact).replace('>', chr(92) + 'u003e')} -->")
     return "\n".join(lines)
+
+
+#: how :func:`alerts_markdown` opens the comment that carries the events exactly
+EVENTS_COMMENT = "<!-- shockmon-events"
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
 
 
 def report_markdown(report: Any) -> str:
@@ -86,9 +112,7 @@ def _module_path(tag: str, prefix: str) -> str | None:
     return None
 
 
-def custom_scalars_layout(
-    tags: Iterable[str], groups: Iterable[str], prefix: str = "shockmon"
-) -> dict[str, Any]:
+def custom_scalars_layout(tags: Iterable[str], groups: Iterable[str], prefix: str = "shockmon") -> dict[str, Any]:
     """The custom-scalars layout: each module's quotient observables beside their raw counterparts, each
     group's forecast beside its alerts, and the tracker's global signals.
 

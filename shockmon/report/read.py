@@ -4,7 +4,8 @@ This is what ``shockmon report RUN_DIR`` runs. Event files are read with TensorB
 (``EventAccumulator``, every record kept); a run still being written is read as far as it goes, and a file
 that ends in a truncated record is read up to it, with a warning. What is read:
 
-- events: the ``<prefix>/alert_text`` markdown tables the monitor writes at each log step;
+- events: the ``<prefix>/alert_text`` texts the monitor writes at each log step — exactly, from the JSON comment
+  under each table (TensorBoard does not show it), or from the table's rounded cells in runs written before it;
 - ``<prefix>/burgers_consistency``, ``<prefix>/forecast/<group>``, ``<prefix>/state/<group>`` scalars;
 - ``<prefix>/symmetry_report``, the symmetry summary written at fit start;
 - ``<prefix>/particles/<group>`` snapshots (:mod:`shockmon.callbacks.snapshots`), for characteristic diagrams;
@@ -17,6 +18,7 @@ Bad input raises :class:`ReportError`, whose message is one line naming what was
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from shockmon.callbacks import snapshots
+from shockmon.callbacks.tensorboard import EVENTS_COMMENT
 from shockmon.events import EventKind, ShockEvent
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
@@ -145,14 +148,43 @@ def _cell_float(text: str) -> float:
     return float(text)
 
 
+def _parse_exact(markdown: str) -> list[ShockEvent] | None:
+    """The events from the JSON comment :func:`~shockmon.callbacks.tensorboard.alerts_markdown` appends (``None``
+    when there is none, or it does not parse: the table is read instead, as in runs written before it)."""
+    start = markdown.find(EVENTS_COMMENT)
+    end = markdown.find("-->", start)
+    if start < 0 or end < 0:
+        return None
+    try:
+        rows = json.loads(markdown[start + len(EVENTS_COMMENT) : end])
+        return [
+            ShockEvent(
+                EventKind(kind),
+                str(group),
+                str(channel),
+                int(step),
+                math.inf if pred is None else float(pred),
+                0.0 if strength is None else float(strength),
+                tuple(int(u) for u in units),
+            )
+            for step, kind, group, channel, pred, strength, units in rows
+        ]
+    except (ValueError, TypeError):
+        return None
+
+
 def parse_alerts(markdown: str) -> list[ShockEvent]:
-    """The events of one ``alert_text`` markdown table (rows that do not parse are skipped).
+    """The events of one ``alert_text`` text: its JSON comment when there is one, else the markdown table's rows
+    (rows that do not parse are skipped).
 
     Example:
         >>> rows = parse_alerts("| 120 | **forecast** | `mlp.0` | particle | 180 | 60 | 4.20 | 3, 17 |")
         >>> rows[0].kind.value, rows[0].group, rows[0].step, rows[0].predicted_step, rows[0].units
         ('forecast', 'mlp.0', 120, 180.0, (3, 17))
     """
+    exact = _parse_exact(markdown)
+    if exact is not None:
+        return exact
     events = []
     for line in markdown.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
