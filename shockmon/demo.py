@@ -291,14 +291,13 @@ def run_demo(
 ) -> DemoResult:
     """Train the grokking model with :class:`~shockmon.ShockMonitor` and TensorBoard logging.
 
+    Process-wide settings: ``torch.set_flush_denormal(True)`` stays on afterwards (weight decay drives weights
+    into subnormal floats, ~10x slower without it; torch has no getter to restore it); the intra-op thread count
+    (``threads``) and the demo's warning filters are restored on return.
+
     Returns:
         A :class:`DemoResult`: when train accuracy fit, when test accuracy jumped, the alerts.
     """
-    from lightning.pytorch.callbacks import TQDMProgressBar
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from shockmon.callbacks import ShockMonitor
-
     if model not in MODELS:
         raise ValueError(
             f"Expected argument `model` to be one of {', '.join(map(repr, MODELS))}, but got {model!r}"
@@ -308,10 +307,33 @@ def run_demo(
         raise ValueError(f"Expected argument `steps` to be a positive integer, but got {steps!r}")
     accelerator = resolve_device(device)
     torch.set_flush_denormal(True)  # weight decay drives weights subnormal: ~10x slower without this
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads())
+    try:
+        with warnings.catch_warnings():
+            for pattern in (".*does not have many workers.*", ".*`isinstance.*treespec.*", ".*LeafSpec.*"):
+                warnings.filterwarnings("ignore", message=pattern)
+            return _train(steps, seed, out, accelerator, model, eval_every, log_every, progress_bar)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(
+    steps: int,
+    seed: int,
+    out: str,
+    accelerator: str,
+    model: str,
+    eval_every: int,
+    log_every: int,
+    progress_bar: bool,
+) -> DemoResult:
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from shockmon.callbacks import ShockMonitor
+
     pl.seed_everything(seed, verbose=False)
-    for pattern in (".*does not have many workers.*", ".*`isinstance.*treespec.*", ".*LeafSpec.*"):
-        warnings.filterwarnings("ignore", message=pattern)
 
     data = ModularAddition(p=97, train_fraction=DEFAULTS[model]["train_fraction"], seed=seed, steps=steps)
     module = GrokkingModule(model=model, init_seed=seed)

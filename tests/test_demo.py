@@ -41,6 +41,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 
 def test_demo_transformer_variant_runs(tmp_path):
+    threads = torch.get_num_threads()
     result = demo.run_demo(
         steps=4,
         out=str(tmp_path),
@@ -49,10 +50,11 @@ def test_demo_transformer_variant_runs(tmp_path):
         eval_every=2,
         log_every=2,
         progress_bar=False,
-        threads=1,
+        threads=threads + 1,  # differs from the caller's: restored on return
     )
     assert result.steps == 4 and result.model == "transformer"
     assert "attention" in result.symmetry_report
+    assert torch.get_num_threads() == threads  # the demo's thread count is its own
 
 
 def test_demo_history_and_split():
