@@ -11,6 +11,7 @@ from callback_models import TRANSITION_STEP, ScriptedTransition, TinyMLP, traine
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from shockmon import ShockEarlyStopping, ShockMonitor
 from shockmon.callbacks import ShockStoppingReason
@@ -190,7 +191,15 @@ class _WriteFinalState(Callback):
 def test_shock_early_stopping_decision_is_agreed_across_ranks(tmp_path):
     callbacks = [ShockMonitor(log_every_n_steps=1), ShockEarlyStopping(), _WriteFinalState(str(tmp_path))]
     tr = trainer(tmp_path, callbacks, max_steps=40, strategy="ddp_spawn", devices=2)
-    tr.fit(_NaNOnRankOne())
+    try:
+        tr.fit(_NaNOnRankOne())
+    except ProcessExitedException as e:
+        # gloo's teardown sometimes aborts a spawned process at interpreter exit, after its work is done
+        # ("terminate called without an active exception", no Python frame; see tests/distributed_scripts/
+        # dist_common.exit_cleanly): tolerated only as SIGABRT once both ranks have written their final state
+        done = {p.name for p in tmp_path.glob("rank*")} == {"rank0", "rank1"}
+        if not (done and e.signal_name == "SIGABRT"):
+            raise
     results = {p.name: p.read_text() for p in tmp_path.glob("rank*")}
     # rank 1 saw the divergence; rank 0 did not, but stopped at the same step by the agreed decision
     assert results == {"rank0": "7 divergence False", "rank1": "7 divergence True"}
