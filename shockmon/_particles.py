@@ -107,9 +107,16 @@ def window_fit_weights(
     The weights depend on the times only relative to the first one, so they are cached under those offsets:
     with evenly spaced steps the ring's ``L`` rotations are all there is.
     """
-    t0 = float(times[0])
-    w, tbar_rel, var_iid, var_walk = _fit_weights_cached(tuple(float(t) - t0 for t in times), filled, dtype, device)
+    t0, rel = relative_times(times)
+    w, tbar_rel, var_iid, var_walk = _fit_weights_cached(rel, filled, dtype, device)
     return w, tbar_rel + t0, var_iid, var_walk
+
+
+def relative_times(times: list[float]) -> tuple[float, tuple[float, ...]]:
+    """``(t0, offsets)``: a ring's first time and every time relative to it, the cache key of designs that depend
+    on the times only through their differences (with evenly spaced steps, the ring's ``L`` rotations)."""
+    t0 = float(times[0])
+    return t0, tuple(float(t) - t0 for t in times)
 
 
 @functools.lru_cache(maxsize=512)

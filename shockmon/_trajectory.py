@@ -18,6 +18,8 @@ import math
 import numpy as np
 import torch
 
+from shockmon._particles import relative_times
+
 Tensor = torch.Tensor
 
 
@@ -50,8 +52,8 @@ def quadratic_design_host(
     The design depends on the times only relative to their first one, so it is cached under those offsets: with
     evenly spaced steps the ring's ``L`` rotations are all there is, and each step costs a dictionary lookup.
     """
-    t0 = float(times[0])
-    W, X, tbar_rel, var_b = _design_cached(tuple(float(t) - t0 for t in times), filled, device)
+    t0, rel = relative_times(times)
+    W, X, tbar_rel, var_b = _design_cached(rel, filled, device)
     return W, X, tbar_rel + t0, var_b
 
 

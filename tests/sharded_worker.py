@@ -7,6 +7,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from proc_exit import exit_cleanly
 from torch import nn
 
 
@@ -88,8 +89,4 @@ def worker(rank: int, world: int, port: int, name: str, out: str) -> None:
         torch.save(res, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
-    # as tests/distributed_scripts/dist_common.exit_cleanly: skip C++ static destructors (a gloo thread still
-    # joinable at teardown aborts about one run in three under pytest); only the success path exits here
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_cleanly()  # the results are saved; only the success path exits here

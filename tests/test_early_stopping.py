@@ -195,8 +195,8 @@ def test_shock_early_stopping_decision_is_agreed_across_ranks(tmp_path):
         tr.fit(_NaNOnRankOne())
     except ProcessExitedException as e:
         # gloo's teardown sometimes aborts a spawned process at interpreter exit, after its work is done
-        # ("terminate called without an active exception", no Python frame; see tests/distributed_scripts/
-        # dist_common.exit_cleanly): tolerated only as SIGABRT once both ranks have written their final state
+        # ("terminate called without an active exception", no Python frame; see tests/proc_exit.py):
+        # tolerated only as SIGABRT once both ranks have written their final state
         done = {p.name for p in tmp_path.glob("rank*")} == {"rank0", "rank1"}
         if not (done and e.signal_name == "SIGABRT"):
             raise

@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
+from benchmarks.soak import tensor_bytes
 from shockmon import BurgersTracker, Observer, ShockEarlyStopping, ShockMonitor, discover
 from shockmon.callbacks import monitor as monitor_module
 from shockmon.cli import main as cli_main
@@ -68,14 +69,6 @@ def _mlp(hidden: int = 8, seed: int = 0) -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 2))
 
 
-def _tensor_bytes(obj: Any) -> int:
-    if isinstance(obj, Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
 
 
 class Injecting(TinyMLP):
@@ -435,7 +428,7 @@ def test_reliability_a_group_of_100k_units_is_subsampled_at_a_fixed_state_size()
         assert units["rescale/0"].shape == (n, 9)
         (bucket,) = tracker._buckets
         assert bucket.n == 4096 and bucket.sub is not None and int(bucket.sub.max()) < n
-        sizes.append(_tensor_bytes(tracker.state_dict()))
+        sizes.append(tensor_bytes(tracker.state_dict()))
         assert tracker.poll() == []
     assert sizes[0] == sizes[1] < 8 * 2**20  # O(max_particles x window), not O(units)
 

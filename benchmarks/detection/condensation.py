@@ -41,11 +41,15 @@ def mse1(out: Tensor, y: Tensor) -> Tensor:
     return 0.5 * (out - y).square().mean()
 
 
-def setup(seed: int, quick: bool, sigma: float = SIGMA, lr: float = 0.1, steps: int = 400) -> Setup:
+def data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x, y, x_test, y_test)``: 8 training points of ``sin(pi x)`` on ``[-1, 1]``, 101 test points."""
     x = torch.linspace(-1, 1, 8)[:, None]
-    y = torch.sin(math.pi * x)
     xt = torch.linspace(-1, 1, 101)[:, None]
-    yt = torch.sin(math.pi * xt)
+    return x, torch.sin(math.pi * x), xt, torch.sin(math.pi * xt)
+
+
+def setup(seed: int, quick: bool, sigma: float = SIGMA, lr: float = 0.1, steps: int = 400) -> Setup:
+    x, y, xt, yt = data()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = nn.Sequential(nn.Linear(1, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))

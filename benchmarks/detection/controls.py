@@ -66,10 +66,7 @@ def ntk(seed: int, quick: bool) -> Setup:
 
 
 def condensation_lazy(seed: int, quick: bool) -> Setup:
-    x = torch.linspace(-1, 1, 8)[:, None]
-    y = torch.sin(math.pi * x)
-    xt = torch.linspace(-1, 1, 101)[:, None]
-    yt = torch.sin(math.pi * xt)
+    x, y, xt, yt = condensation.data()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = nn.Sequential(nn.Linear(1, condensation.HIDDEN), nn.ReLU(), nn.Linear(condensation.HIDDEN, 1))

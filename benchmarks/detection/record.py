@@ -23,20 +23,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+
+from shockmon.demo import _FullBatch  # the same full batch, once per step
 
 Evaluate = Callable[[nn.Module, int], dict[str, float]]
-
-
-class _FullBatch(Dataset):
-    def __init__(self, x: Tensor, y: Tensor, length: int) -> None:
-        self.x, self.y, self.length = x, y, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return self.x, self.y
 
 
 class BenchModule(pl.LightningModule):

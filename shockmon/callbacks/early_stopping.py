@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from shockmon.callbacks._state import check_state_version
 from shockmon.callbacks.monitor import ShockMonitor
 from shockmon.events import EventKind, ShockEvent
 
@@ -280,13 +281,7 @@ class ShockEarlyStopping(EarlyStopping):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; a checkpoint without a ``version`` field (version 0, written before it
         existed) has the same layout and loads; a newer version is refused with a clear error."""
-        version = state_dict.get("version", 0)
-        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= STATE_VERSION:
-            raise ValueError(
-                f"ShockEarlyStopping state version {version!r} is not supported by this shockmon (it reads versions"
-                f" 0 to {STATE_VERSION}); resume with the shockmon that wrote the checkpoint, or without the"
-                " callback's state"
-            )
+        check_state_version("ShockEarlyStopping", state_dict, STATE_VERSION)
         value = state_dict.get("stopping_reason", EarlyStoppingReason.NOT_STOPPED.value)
         shock_reason = isinstance(value, str) and value in self.STOP_ON
         if shock_reason:

@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 
 from shockmon.callbacks import snapshots
 from shockmon.callbacks import tensorboard as tb
+from shockmon.callbacks._state import check_state_version
 from shockmon.callbacks.transfer import to_host
 from shockmon.events import EventKind, ShockEvent
 
@@ -382,13 +383,7 @@ class ShockMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; a checkpoint without a ``version`` field (version 0, written before it
         existed) has the same layout and loads; a newer version is refused with a clear error."""
-        version = state_dict.get("version", 0)
-        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= STATE_VERSION:
-            raise ValueError(
-                f"ShockMonitor state version {version!r} is not supported by this shockmon (it reads versions 0 to"
-                f" {STATE_VERSION}); resume with the shockmon that wrote the checkpoint, or without the callback's"
-                " state"
-            )
+        check_state_version("ShockMonitor", state_dict, STATE_VERSION)
         self._nonfinite_grads_base = self._nonfinite_grads_read = int(state_dict.get("nonfinite_grad_steps", 0))
         self._nonfinite_grads = None
         self._observations = int(state_dict.get("observations", 0))

@@ -20,7 +20,9 @@ from lightning.pytorch.loggers import Logger
 
 TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))  # callback_models, symmetry_models
+    sys.path.insert(0, str(TESTS))  # callback_models, symmetry_models, proc_exit
+
+from proc_exit import exit_cleanly  # noqa: E402, F401  (re-exported for the worker scripts)
 
 #: every collective of ``torch.distributed`` a callback could call
 COLLECTIVES = (
@@ -42,24 +44,6 @@ COLLECTIVES = (
     "barrier",
     "monitored_barrier",
 )
-
-
-def exit_cleanly() -> None:
-    """Destroy the process group (Lightning leaves it alive for later fits), flush, and exit 0 without running
-    C++ static destructors.
-
-    On some runs a gloo thread still joinable at interpreter teardown aborts the finished process ("terminate
-    called without an active exception", no Python frame; pytorch/pytorch#190489 is the same symptom): about
-    one run in three of these scripts under pytest, never in a bare loop. Call only once everything the test
-    reads has been written; an exception before it still fails the process as usual.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def rank() -> int:
