@@ -994,7 +994,7 @@ class BurgersTracker:
         if self._device is None:
             return None
         g = self._g
-        return torch.cat([g["counter"].double().reshape(1), g["buf"].reshape(-1).double()])
+        return torch.cat([g["counter"].double().reshape(1), g["buf"].reshape(-1)])  # the ring is float64
 
     def poll_host(self, blob: Tensor | np.ndarray) -> list[ShockEvent]:
         """The events since the last poll from a host copy of :meth:`poll_tensor` (marks them read)."""
