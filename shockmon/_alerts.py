@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from shockmon._particles import finite
+
 Tensor = torch.Tensor
 
 PRE, IMMINENT, IN_SHOCK = 0, 1, 2
@@ -37,7 +39,7 @@ def forecast_trend(ts: Tensor, Ts: Tensor, sds: Tensor, min_points: int) -> tupl
     Ornstein--Uhlenbeck pull) has constant ``tau``: the forecast recedes, slope 1. So does a viscous shock
     once formed (the gradient saturates at ``-U^2/(2 nu)``).
     """
-    ok = torch.isfinite(Ts) & torch.isfinite(ts)
+    ok = finite(Ts) & finite(ts)
     m = ok.double()
     cnt = m.sum(1)
     t0 = torch.where(ok, ts, torch.zeros_like(ts))

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from shockmon._particles import relative_times
+from shockmon._particles import finite, relative_times
 
 Tensor = torch.Tensor
 
@@ -134,7 +134,7 @@ def riccati_fit(
     y = (1.0 / ss).double()
     s2 = ss.double() ** 2
     vy = vs.double() / (s2 * s2).clamp_min(1e-300)
-    ok = torch.isfinite(y) & torch.isfinite(ts) & torch.isfinite(vy) & (vy > 0)
+    ok = finite(y) & finite(ts) & finite(vy) & (vy > 0)
     w = torch.where(ok, 1.0 / torch.where(ok, vy, torch.ones_like(vy)), torch.zeros_like(vy))
     cnt = ok.double().sum()
     t0 = torch.where(ok, ts, torch.zeros_like(ts))

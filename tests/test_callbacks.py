@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from shockmon import ShockMonitor
+from shockmon.callbacks.monitor import COST_SKIP, COST_STEPS, overhead_advice
 from shockmon.events import EventKind
 
 torch.set_num_threads(1)
@@ -69,6 +70,9 @@ def _spy_updates(monitor: ShockMonitor) -> list[int]:
         ({"prefix": "/shockmon"}, "`prefix`"),
         ({"max_events": -1}, "`max_events`"),
         ({"tracker_kwargs": {"alpha": 2.0}}, "`alpha`"),
+        ({"overhead_warning": 0}, "`overhead_warning` to be a positive number or None, but got 0"),
+        ({"overhead_warning": True}, "`overhead_warning`"),
+        ({"overhead_warning": "10%"}, "`overhead_warning`"),
     ],
     ids=[
         "log_every",
@@ -79,6 +83,9 @@ def _spy_updates(monitor: ShockMonitor) -> list[int]:
         "prefix",
         "max_events",
         "tracker",
+        "overhead_zero",
+        "overhead_bool",
+        "overhead_str",
     ],
 )
 def test_shock_monitor_rejects_bad_arguments(kwargs, match):
@@ -241,6 +248,44 @@ def test_shock_monitor_every_n_steps_thins_observations(tmp_path):
     steps = _spy_updates(monitor)
     trainer(tmp_path, [monitor], max_steps=12).fit(TinyMLP())
     assert steps == [3, 6, 9, 12]
+
+
+@pytest.mark.parametrize(
+    ("hook_ms", "step_ms", "every", "threshold"),
+    [(2.0, 3.6, 1, 0.1), (2.0, 3.6, 4, 0.1), (0.5, 10.0, 1, 0.01), (30.0, 31.0, 2, 0.05)],
+)
+def test_overhead_advice_names_a_stride_that_meets_the_threshold(hook_ms, step_ms, every, threshold):
+    steps = 100
+    advice = overhead_advice(hook_ms * steps / 1e3, step_ms * steps / 1e3, steps, every, threshold, window=16)
+    frac = hook_ms / (step_ms - hook_ms)
+    assert advice is not None and f"{frac:.0%} of the rest of the step" in advice
+    k = int(advice.split("ShockMonitor(every_n_steps=")[1].split(")")[0])
+    assert k % every == 0 and (k // every) & (k // every - 1) == 0  # the stride times a power of two
+    assert frac * every / k <= threshold < frac * every / (k // 2) or k == every
+    assert f"span {16 * k} steps" in advice
+
+
+def test_overhead_advice_is_silent_under_the_threshold_and_on_empty_input():
+    assert overhead_advice(0.01, 1.0, 100, 1, 0.1) is None  # 1 % of the step
+    assert overhead_advice(0.0, 1.0, 100, 1, 0.1) is None
+    assert overhead_advice(0.1, 0.0, 0, 1, 0.1) is None
+
+
+def test_shock_monitor_warns_once_when_it_costs_more_than_overhead_warning(tmp_path):
+    # the tiny test model's step is far shorter than an observation: any real threshold is exceeded
+    steps = COST_SKIP + COST_STEPS
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [ShockMonitor(overhead_warning=0.01)], max_steps=steps + 20).fit(TinyMLP())
+    advice = [w for w in caught if "of host time per training step" in str(w.message)]
+    assert len(advice) == 1
+    assert "ShockMonitor(every_n_steps=" in str(advice[0].message)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [ShockMonitor(overhead_warning=None)], max_steps=steps).fit(TinyMLP())
+        trainer(tmp_path, [ShockMonitor(overhead_warning=1e6)], max_steps=steps).fit(TinyMLP())
+        trainer(tmp_path, [ShockMonitor(overhead_warning=0.01)], max_steps=steps - 1).fit(TinyMLP())  # not timed
+    assert not [w for w in caught if "of host time per training step" in str(w.message)]
 
 
 def test_shock_monitor_manual_optimization_two_optimizers_frozen_bias(tmp_path):
