@@ -288,6 +288,22 @@ def test_shock_monitor_warns_once_when_it_costs_more_than_overhead_warning(tmp_p
     assert not [w for w in caught if "of host time per training step" in str(w.message)]
 
 
+def test_shock_monitor_every_n_steps_still_logs_at_every_log_step(tmp_path):
+    # 16 does not divide 50: each log step reads the latest observation, logged at its own step, with the
+    # observables only a read computes (gradient norms, raw norms)
+    monitor = ShockMonitor(every_n_steps=16, log_every_n_steps=50)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer(tmp_path, [monitor], max_steps=120, logger=logger).fit(TinyMLP())
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = sorted({int(r["step"]) for r in rows if r.get("shockmon/steps_to_shock")})
+    assert steps == [48, 96, 112]
+    grad = [k for k in rows[0] if k.endswith("grad_norm") and k.startswith("shockmon/quotient")]
+    assert grad
+    for step in (48, 96):
+        assert [r for r in rows if int(r["step"]) == step and r[grad[0]] not in ("", "nan")]
+
+
 def test_shock_monitor_manual_optimization_two_optimizers_frozen_bias(tmp_path):
     monitor = ShockMonitor(log_every_n_steps=2)
     steps = _spy_updates(monitor)

@@ -287,7 +287,8 @@ class ShockMonitor(Callback):
             ``log_every_n_steps``; ``0``: only at the end of training.
         histogram_every_n_steps: per-unit histograms at the first log step after each multiple of this;
             ``None``: ten log intervals; ``0``: never.
-        every_n_steps: observe every this many optimizer steps (1: every step).
+        every_n_steps: observe every this many optimizer steps (1: every step). A log step that is not observed
+            reads the latest observation and logs it at the step it was made.
         horizon: the tracker's forecast horizon, in steps.
         window: the tracker's fitting window, in observations.
         prefix: tag prefix; also identifies the instance in checkpoints, so two monitors need two prefixes.
@@ -642,6 +643,8 @@ class ShockMonitor(Callback):
         self._last_step = step
         if step % self.every_n_steps != 0:
             self._pending_grads, self._step_lr = {}, None
+            if self._log_every > 0 and step % self._log_every == 0 and self._values_step > self._last_read_step:
+                self._read(trainer, pl_module, self._values_step, in_loop=True)  # the latest, at its own step
             return True
         log_step = self._log_every > 0 and step % self._log_every == 0
         self._follow_parameters(trainer, pl_module)
@@ -733,9 +736,11 @@ class ShockMonitor(Callback):
             rank_zero_info(str(self._observer.report))
 
     def _read_due(self, trainer: pl.Trainer, step: int) -> bool:
-        """Whether the observation after optimizer step ``step`` will be read: a log step, or a step known to
-        be the last (host state only)."""
-        if self._log_every > 0 and step % self._log_every == 0:
+        """Whether the observation after optimizer step ``step`` will be read: the last observation at or before
+        a log step (the log step itself when ``every_n_steps`` divides it), or a step known to be the last (host
+        state only)."""
+        log = self._log_every
+        if log > 0 and -(-step // log) * log < step + self.every_n_steps:
             return True
         if trainer.max_steps is not None and 0 < trainer.max_steps <= step:
             return True
