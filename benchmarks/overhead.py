@@ -29,6 +29,9 @@ Arms (the Trainer logs every ``log_every_n_steps=50`` steps, its default, to a T
 ``shockmon_all``
     ``ShockMonitor`` with everything on: per-unit histograms at every log step, angular steps of norm-scaled
     weights.
+``shockmon_n16``
+    ``ShockMonitor(every_n_steps=16)``: what the monitor's overhead warning suggests for a model whose step is
+    about as short as an observation (the tiny MLP); still reads back and logs every 50 steps.
 ``grad_norm``
     Lightning's documented way to log gradient norms: ``self.log_dict(grad_norm(self, norm_type=2))`` in
     ``on_before_optimizer_step``, every step.
@@ -96,7 +99,9 @@ import shockmon.tracker  # noqa: E402, F401
 from benchmarks.models import TinyGPT, n_params  # noqa: E402
 from shockmon import ShockMonitor  # noqa: E402
 
-ARMS = ("none", "shockmon", "shockmon_all", "grad_norm", "spike")
+ARMS = ("none", "shockmon", "shockmon_all", "shockmon_n16", "grad_norm", "spike")
+#: the observation stride of each arm (its steps are not alike: costs are averaged over the stride's residues)
+STRIDE = {"shockmon_n16": 16}
 LOG_EVERY = 50  # the Trainer's default log_every_n_steps (4 with --quick)
 #: the per-step hooks whose host reads are counted (a callback's, or the module's for ``grad_norm``)
 STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
@@ -215,6 +220,8 @@ class BenchModule(pl.LightningModule):
 def arm_callbacks(arm: str, log_every: int) -> list[Callback]:
     if arm == "shockmon":
         return [ShockMonitor()]
+    if arm == "shockmon_n16":
+        return [ShockMonitor(every_n_steps=16)]
     if arm == "shockmon_all":
         return [ShockMonitor(histogram_every_n_steps=log_every, observer_kwargs={"angular_step": True})]
     if arm == "spike":
@@ -621,12 +628,17 @@ def _tensors_in(roots: list[Any], skip_ids: set[int]) -> Iterator[torch.Tensor]:
             stack.extend(vars(obj).values())
 
 
-def _per_step(steps: list[tuple[int, float]], log_every: int) -> tuple[float, float, float]:
+def _per_step(steps: list[tuple[int, float]], log_every: int, stride: int = 1) -> tuple[float, float, float]:
     """``(median step, median log step, cost per step over a log interval)``, in seconds: medians, so that a load
-    spike does not count, with the log step's extra cost spread over its interval."""
-    other = [t for s, t in steps if s % log_every]
+    spike does not count, with the log step's extra cost spread over its interval. With an observation
+    ``stride``, the median step is the mean over the stride's residues of each one's median (one step in
+    ``stride`` observes: a plain median would miss it)."""
+    other = [(s, t) for s, t in steps if s % log_every]
     logs = [t for s, t in steps if s % log_every == 0]
-    med = statistics.median(other)
+    by_residue: dict[int, list[float]] = {}
+    for s, t in other:
+        by_residue.setdefault(s % stride, []).append(t)
+    med = statistics.fmean(statistics.median(ts) for ts in by_residue.values())
     log = statistics.median(logs) if logs else med
     return med, log, med + (log - med) / log_every
 
@@ -656,9 +668,10 @@ def _summarise(case: Case, arms: dict[str, dict[str, Any]], log_every: int) -> d
     out: dict[str, Any] = {"model": case.name, "describe": case.describe, "params": n_params(case.net()),
                            "clock": "thread CPU time" if cpu else "CUDA events", "arms": {}}
     for name, a in arms.items():
-        med, log, cost = _per_step(series(a, clock), log_every)
-        wall_med, _, wall = _per_step(series(a, 1), log_every)
-        _, _, hooks = _per_step(series(a, 3), log_every)
+        k = STRIDE.get(name, 1)
+        med, log, cost = _per_step(series(a, clock), log_every, k)
+        wall_med, _, wall = _per_step(series(a, 1), log_every, k)
+        _, _, hooks = _per_step(series(a, 3), log_every, k)
         pair = [m / b for m, b in zip(chunk_medians(a), base_chunks)]
         mem = math.nan if a["mem_mib"] is None else a["mem_mib"]
         out["arms"][name] = {
