@@ -464,6 +464,29 @@ def pairs_rates_and_collapse(
     return lam, se, _collapse(r2, dot, zp, inv_r, dt_now, sd_v, sd_m, nu, z, gdim=1)
 
 
+def coherent_compression(r2: Tensor, dot: Tensor, t_crit: float) -> Tensor:
+    """Whether each particle's neighbourhood as a whole is compressing, ``(B, n)`` bool: the mean of its ``K``
+    pair strains ``dx.dv/|dx|^2`` is below zero by ``t_crit`` standard errors of that mean (from their scatter
+    over the pairs). Args: ``r2, dot`` ``(K, B, n)`` from :func:`pair_stats`.
+
+    The pairs method's rate is the *minimum* over the pairs: an extreme value, negative for nearly every particle
+    of a cloud whose units drift past one another at random (the smallest of ``K`` strains of either sign),
+    however well resolved the velocities are. A compression that will make characteristics cross shows in most
+    pairs. Measured on the detection benchmark's recordings (``K = 8``, ``t_crit = 3``, velocities fitted over 16
+    steps): while the condensation runs' unit directions collapse, 10-34 % of their 500 units pass and are due
+    to cross within 200 steps; in every control and every other case at most 4 % of the units do at any time.
+    Without the test, 50-70 % of the units of both the condensation runs and their lazy control had a pair due
+    within 200 steps. The price: a fold along one axis of a cloud whose neighbours lie in all directions of a
+    high-dimensional space shows in the mean only as ``lambda / D`` and is not seen.
+    """
+    K = r2.shape[0]
+    s = dot / r2.clamp_min(torch.finfo(r2.dtype).tiny)
+    m = s.mean(0)
+    d = s - m
+    var_mean = (d * d).sum(0) / (K * (K - 1))  # the squared standard error of the mean
+    return (m < 0) & (m * m > (t_crit * t_crit) * var_mean)
+
+
 def collapse_pairs(
     r2: Tensor, dot: Tensor, dt_now: Tensor, sd_v: Tensor, sd_m: Tensor, nu: Tensor, z: float
 ) -> Tensor:

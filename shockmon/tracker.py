@@ -194,6 +194,10 @@ class BurgersTracker:
             point shock of a smooth profile is first reached by a few particles). ``0``: no such gate.
         quantile: if given, use this quantile of the significant particles' times to shock instead of
             ``rank``.
+        coherence: pairs method only: a particle's rate (its most compressive pair) counts only while the mean
+            strain of all its neighbour pairs is below zero by this many standard errors of their scatter
+            (:func:`shockmon._particles.coherent_compression`): a forming shock compresses a neighbourhood, units
+            drifting past one another at random do not. ``0``: no such test (nor with fewer than 3 neighbours).
         method: ``"auto"`` (least-squares Jacobian when ``D <= 3`` and ``K >= 2D + 1``, with closed-form
             eigenvalues; pairwise closing times otherwise), ``"jacobian"`` (``torch.linalg.eigh`` beyond ``D =
             3``) or ``"pairs"`` (every approaching pair measures ``e^T J e`` along its direction; see
@@ -256,6 +260,7 @@ class BurgersTracker:
         rank: int = 2,
         collective: float = 0.05,
         quantile: float | None = None,
+        coherence: float = 3.0,
         method: str = "auto",
         time: str = "step",
         n_on: int = 3,
@@ -282,6 +287,7 @@ class BurgersTracker:
         self.quantile = (
             None if quantile is None else _float_arg("quantile", quantile, 0.0, 1.0, open_low=False)
         )
+        self.coherence = _float_arg("coherence", coherence, 0.0, open_low=False)
         if not isinstance(method, str) or method not in _METHODS:
             raise ValueError(f"Expected argument `method` to be one of {_METHODS}, but got {method!r}")
         self.method = method
@@ -805,6 +811,8 @@ class BurgersTracker:
             lam, se, coll = pt.pairs_rates_and_collapse(
                 r2, dot, dt_now, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z
             )
+            if self.coherence > 0 and k_eff >= 3:  # the rate counts only where the neighbourhood compresses
+                fin = fin & pt.coherent_compression(r2, dot, self.coherence)
         else:
             coll = pt.collapse_pairs(r2, dot, dt_now, sdv, sd_m.to(b.dtype), nu_sig.to(b.dtype), z)
             if D > 1:  # the smallest of D noisy eigenvalues sits ~sqrt(2(D - 1)) SEs below zero: add it
@@ -1040,7 +1048,7 @@ class BurgersTracker:
     # ------------------------------------------------------------------ persistence
     def _config(self) -> dict[str, Any]:
         keys = (
-            "horizon window neighbors alpha rank collective quantile method time n_on n_off disarm_horizon "
+            "horizon window neighbors alpha rank collective quantile coherence method time n_on n_off disarm_horizon "
             "cooldown warmup "
             "shock_updates riccati_window trajectory_window trajectory_alerts max_particles knn_every units"
             " capacity seed"

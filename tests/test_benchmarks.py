@@ -25,7 +25,7 @@ from shockmon import Observer, ShockMonitor
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("none", "shockmon", "shockmon_all", "grad_norm", "spike")
+ARMS = ("none", "shockmon", "shockmon_all", "shockmon_n16", "grad_norm", "spike")
 
 
 def _run(module: str, *args: str) -> subprocess.CompletedProcess:

@@ -485,10 +485,12 @@ def test_tracker_planar_fold_is_forecast_ballistic_gas_is_not():
     v8 = 0.01 * torch.randn(n, 8, generator=g)
     gas = BurgersTracker(horizon=200)
     # the same fold in 9-D (pairs): 8 static coordinates set the units apart, as a rescaling layer's directions
-    # do; the pairs pass each other there, and still measure the fold along x
+    # do; the pairs pass each other there, and still measure the fold along x. Neighbours lie in all 9
+    # directions, so the fold shows in their mean strain only as lambda / 9: the coherence test (on by default)
+    # does not see it -- its documented price -- and it is off here
     offsets = 0.3 * torch.randn(64, 8, generator=g)
     x9 = (torch.rand(64, generator=g) * 2 - 1) * math.pi
-    fold9 = BurgersTracker(horizon=200)
+    fold9 = BurgersTracker(horizon=200, coherence=0.0)
     for step in range(121):
         xy = torch.stack([x0 - 0.01 * step * torch.sin(x0), y0], 1)  # crossing at step 100, along x only
         planar.update(step, {"sheet": xy + 1e-4 * torch.randn(n, 2, generator=g)})
@@ -499,6 +501,48 @@ def test_tracker_planar_fold_is_forecast_ballistic_gas_is_not():
         f = first(tracker.poll(), EventKind.FORECAST)
         assert f is not None and f < 100
     assert gas.poll() == []
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_tracker_units_drifting_past_one_another_are_no_shock(seed):
+    """500 units on a circle (in 9-D), each drifting at its own constant speed, as units with different hidden
+    balancedness do in a lazily trained layer: neighbours keep overtaking one another, with steady closing times,
+    but no neighbourhood compresses. Without the coherence test the tracker forecast 3-6 shocks per run here
+    (and fired on the detection benchmark's lazy-condensation control); with it, none."""
+    g = torch.Generator().manual_seed(seed)
+    n = 500
+    th0 = torch.rand(n, generator=g) * 2 * math.pi
+    om = 0.001 * torch.randn(n, generator=g)
+    off = 0.02 * torch.randn(n, 7, generator=g)
+    default, without = BurgersTracker(horizon=200), BurgersTracker(horizon=200, coherence=0.0)
+    for step in range(400):
+        th = th0 + step * om
+        x = torch.cat([torch.stack([th.cos(), th.sin()], 1), off], 1) + 1e-5 * torch.randn(n, 9, generator=g)
+        default.update(step, {"units": x})
+        without.update(step, {"units": x})
+    assert default.poll() == []
+    assert first(without.poll(), EventKind.FORECAST) is not None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tracker_focusing_cluster_in_9d_is_forecast_with_coherence(seed):
+    """A third of a 9-D cloud focusing onto a point at step 150 (every pair of it closing along its separation:
+    a coherent compression) is forecast early and on time, and its shock found, with the defaults."""
+    g = torch.Generator().manual_seed(seed)
+    n, m, t_star = 256, 96, 150
+    x0 = torch.randn(n, 9, generator=g)
+    c = torch.randn(9, generator=g)
+    x0[:m] = c + 0.5 * torch.randn(m, 9, generator=g)
+    tracker = BurgersTracker(horizon=200)
+    for step in range(170):
+        x = x0.clone()
+        x[:m] = c + (x0[:m] - c) * (1 - step / t_star)
+        tracker.update(step, {"units": x + 1e-4 * torch.randn(n, 9, generator=g)})
+    events = tracker.poll()
+    fc = [e for e in events if e.kind is EventKind.FORECAST]
+    sh = [e for e in events if e.kind is EventKind.SHOCK]
+    assert fc and fc[0].step <= t_star / 2 and abs(fc[0].predicted_step - t_star) <= 0.05 * t_star
+    assert sh and abs(sh[0].step - t_star) <= 0.03 * t_star
 
 
 def test_tracker_in_shock_disarms_when_no_consistent_forecast_remains():

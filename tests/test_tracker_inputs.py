@@ -26,6 +26,8 @@ torch.set_num_threads(1)
         ({"alpha": 0.7}, r"`alpha` to be a finite number > 0.0 and <= 0.5, but got 0.7"),
         ({"rank": 0}, r"`rank` to be an integer >= 1, but got 0"),
         ({"quantile": 1.5}, r"`quantile` to be a finite number >= 0.0 and <= 1.0, but got 1.5"),
+        ({"coherence": -1}, r"`coherence` to be a finite number >= 0.0, but got -1"),
+        ({"coherence": math.nan}, r"`coherence` to be a finite number >= 0.0, but got nan"),
         ({"method": "svd"}, r"`method` to be one of \('auto', 'jacobian', 'pairs'\), but got 'svd'"),
         ({"time": "epoch"}, r"`time` to be one of \('step', 'lr'\), but got 'epoch'"),
         ({"n_on": 0}, r"`n_on` to be an integer >= 1, but got 0"),
