@@ -30,8 +30,8 @@ Arms (the Trainer logs every ``log_every_n_steps=50`` steps, its default, to a T
     ``ShockMonitor`` with everything on: per-unit histograms at every log step, angular steps of norm-scaled
     weights.
 ``shockmon_n16``
-    ``ShockMonitor(every_n_steps=16)``: what the monitor's overhead warning suggests for a model whose step is
-    about as short as an observation (the tiny MLP); still reads back and logs every 50 steps.
+    ``ShockMonitor(every_n_steps=16)``: a stride of the size the monitor's overhead warning names for a model
+    whose step is about as short as an observation (the tiny MLP); still reads back and logs every 50 steps.
 ``grad_norm``
     Lightning's documented way to log gradient norms: ``self.log_dict(grad_norm(self, norm_type=2))`` in
     ``on_before_optimizer_step``, every step.

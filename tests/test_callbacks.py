@@ -251,18 +251,33 @@ def test_shock_monitor_every_n_steps_thins_observations(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("hook_ms", "step_ms", "every", "threshold"),
-    [(2.0, 3.6, 1, 0.1), (2.0, 3.6, 4, 0.1), (0.5, 10.0, 1, 0.01), (30.0, 31.0, 2, 0.05)],
+    ("hook_ms", "read_ms", "step_ms", "every", "threshold"),
+    [(2.0, 0.0, 3.6, 1, 0.1), (2.0, 0.05, 3.6, 1, 0.1), (2.0, 0.1, 3.6, 4, 0.1), (0.5, 0.0, 10.0, 1, 0.01),
+     (30.0, 0.01, 31.0, 2, 0.05)],
 )
-def test_overhead_advice_names_a_stride_that_meets_the_threshold(hook_ms, step_ms, every, threshold):
+def test_overhead_advice_names_a_stride_that_meets_the_threshold(hook_ms, read_ms, step_ms, every, threshold):
     steps = 100
-    advice = overhead_advice(hook_ms * steps / 1e3, step_ms * steps / 1e3, steps, every, threshold, window=16)
-    frac = hook_ms / (step_ms - hook_ms)
+    advice = overhead_advice(hook_ms * steps / 1e3, step_ms * steps / 1e3, steps, every, threshold, window=16,
+                             read_s=read_ms * steps / 1e3)
+    rest = step_ms - hook_ms
+    frac, read = hook_ms / rest, read_ms / rest
     assert advice is not None and f"{frac:.0%} of the rest of the step" in advice
-    k = int(advice.split("ShockMonitor(every_n_steps=")[1].split(")")[0])
+    k = int(advice.split("ShockMonitor(every_n_steps=")[1].split(")")[0].split(",")[0])
     assert k % every == 0 and (k // every) & (k // every - 1) == 0  # the stride times a power of two
-    assert frac * every / k <= threshold < frac * every / (k // 2) or k == every
+
+    def at(stride: int) -> float:  # the observations thin with the stride, the log-step reads do not
+        return (frac - read) * every / stride + read
+
+    assert at(k) <= threshold and (k == every or at(k // 2) > threshold)
     assert f"span {16 * k} steps" in advice
+
+
+def test_overhead_advice_also_thins_the_log_steps_when_their_reads_take_much():
+    # 2 ms of hooks on a 1.6 ms step, 0.5 ms of them reads (31 %): no stride alone gets under 10 %
+    advice = overhead_advice(0.2, 0.36, 100, 1, 0.1, read_s=0.05, log_every=50)
+    assert advice is not None and "log_every_n_steps=400" in advice  # 31 % / 8 < 5 %
+    k = int(advice.split("ShockMonitor(every_n_steps=")[1].split(",")[0])
+    assert (1.25 - 0.3125) / k + 0.3125 / 8 <= 0.1 < (1.25 - 0.3125) / (k // 2) + 0.3125 / 8
 
 
 def test_overhead_advice_is_silent_under_the_threshold_and_on_empty_input():

@@ -182,7 +182,14 @@ COST_SKIP, COST_STEPS = 10, 100
 
 
 def overhead_advice(
-    hook_s: float, span_s: float, steps: int, every_n_steps: int, threshold: float, window: int = 16
+    hook_s: float,
+    span_s: float,
+    steps: int,
+    every_n_steps: int,
+    threshold: float,
+    window: int = 16,
+    read_s: float = 0.0,
+    log_every: int = 50,
 ) -> str | None:
     """The warning :class:`ShockMonitor` gives when its own host time per training step exceeds ``threshold``
     times the rest of the step, with the ``every_n_steps`` that would bring it under; ``None`` when it does not.
@@ -190,7 +197,10 @@ def overhead_advice(
     Args:
         hook_s: seconds spent in the monitor's hooks over ``steps`` optimizer steps; span_s: the wall time of
             those steps, hooks included; every_n_steps: the stride they were measured at; threshold: the
-            allowed fraction; window: the tracker's window, in observations.
+            allowed fraction; window: the tracker's window, in observations; read_s: the part of ``hook_s``
+            spent reading back and logging at log steps, which a stride does not thin (the observations' share
+            scales as ``1 / every_n_steps``, the reads' as ``1 / log_every``); log_every: the log interval they
+            were measured at.
 
     Example:
         >>> overhead_advice(0.2, 0.36, 100, 1, 0.1) is not None   # 2 ms of hooks on a 1.6 ms step
@@ -204,15 +214,26 @@ def overhead_advice(
     frac = hook_s / rest
     if frac <= threshold:
         return None
-    k = every_n_steps
-    while frac * every_n_steps / k > threshold:  # the cost is per observation
-        k *= 2
-    return (
+    read = min(max(read_s, 0.0), hook_s) / rest
+    obs = frac - read
+    head = (
         f"ShockMonitor takes {1e3 * hook_s / steps:.2f} ms of host time per training step, {frac:.0%} of the"
         f" rest of the step ({1e3 * rest / steps:.2f} ms; measured over {steps} steps at every_n_steps="
-        f"{every_n_steps}). `ShockMonitor(every_n_steps={k})` would bring it to about"
-        f" {frac * every_n_steps / k:.0%}; the tracker's fits then span {window * k} steps, so transitions"
-        f" that build up faster than that are seen late. Pass `overhead_warning=None` to silence this."
+        f"{every_n_steps}, log-step reads {read:.0%})."
+    )
+    tail = " Pass `overhead_warning=None` to silence this."
+    m = 1  # the log interval's factor: only when the reads alone exceed half the allowance
+    if read > threshold / 2 and log_every > 0:
+        while read / m > threshold / 2:
+            m *= 2
+    k = every_n_steps
+    while obs * every_n_steps / k + read / m > threshold:
+        k *= 2
+    what = f"every_n_steps={k}" + (f", log_every_n_steps={log_every * m}" if m > 1 else "")
+    return (
+        f"{head} `ShockMonitor({what})` would bring it to about {obs * every_n_steps / k + read / m:.0%}; the"
+        f" tracker's fits then span {window * k} steps, so transitions that build up faster than that are seen"
+        f" late.{tail}"
     )
 
 
@@ -411,6 +432,7 @@ class ShockMonitor(Callback):
         # own cost, host clock: optimizer steps seen since train start, hook seconds, start of the timed span
         self._cost_steps = 0
         self._cost_hooks = 0.0
+        self._cost_read = 0.0  # the part of _cost_hooks spent in log-step reads
         self._cost_start = 0.0
 
     @property
@@ -600,7 +622,7 @@ class ShockMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step  # after a restore, the resumed step
         self._pending_grads = {}
-        self._cost_steps, self._cost_hooks = 0, 0.0
+        self._cost_steps, self._cost_hooks, self._cost_read = 0, 0.0, 0.0
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -644,26 +666,31 @@ class ShockMonitor(Callback):
         if step % self.every_n_steps != 0:
             self._pending_grads, self._step_lr = {}, None
             if self._log_every > 0 and step % self._log_every == 0 and self._values_step > self._last_read_step:
-                self._read(trainer, pl_module, self._values_step, in_loop=True)  # the latest, at its own step
+                self._timed_read(trainer, pl_module, self._values_step)  # the latest, at its own step
             return True
         log_step = self._log_every > 0 and step % self._log_every == 0
         self._follow_parameters(trainer, pl_module)
         self._observe(trainer, step, full=self._read_due(trainer, step))
         if log_step:
-            self._read(trainer, pl_module, step, in_loop=True)
+            self._timed_read(trainer, pl_module, step)
         return True
+
+    def _timed_read(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        t0 = time.perf_counter()
+        self._read(trainer, pl_module, step, in_loop=True)
+        self._cost_read += time.perf_counter() - t0
 
     def _check_cost(self, now: float) -> None:
         """Time the monitor against the steps (host clock, no sync) over optimizer steps ``COST_SKIP + 1`` to
         ``COST_SKIP + COST_STEPS`` of the fit; then warn once if it costs more than ``overhead_warning``."""
         self._cost_steps += 1
         if self._cost_steps == COST_SKIP:
-            self._cost_hooks, self._cost_start = 0.0, now
+            self._cost_hooks, self._cost_read, self._cost_start = 0.0, 0.0, now
         elif self._cost_steps == COST_SKIP + COST_STEPS:
             assert self.overhead_warning is not None
             advice = overhead_advice(
                 self._cost_hooks, now - self._cost_start, COST_STEPS, self.every_n_steps, self.overhead_warning,
-                self.window,
+                self.window, read_s=self._cost_read, log_every=self._log_every,
             )
             if advice is not None:
                 rank_zero_warn(advice)
