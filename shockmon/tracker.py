@@ -174,9 +174,11 @@ class BurgersTracker:
 
     What it can and cannot see. Forecasts need a significant compression (``z`` above a Bonferroni threshold)
     that is also Burgers-consistent over ``riccati_window`` updates; when the velocities are too noisy for
-    that, the forecast is withheld (``inf``) rather than wrong. On the tests' flows (256 particles, time step
-    0.01 per step, position noise 1e-3) the forecast at half the crossing time is within a few percent of it;
-    with noise 3e-3 it is withheld until later. Cost: see ``benchmarks/tracker_cost.py``.
+    that, the forecast is withheld (``inf``) rather than wrong. In the pairs method the compression must also be
+    coherent over a particle's neighbourhood (``coherence``): particles drifting past one another are not a
+    shock, and neither is a contraction onto an attractor (its forecast recedes with time). On the tests' flows
+    (256 particles, time step 0.01 per step, position noise 1e-3) the forecast at half the crossing time is within
+    a few percent of it; with noise 3e-3 it is withheld until later. Cost: see ``benchmarks/tracker_cost.py``.
 
     Args:
         horizon: a ``forecast`` event fires when a shock is predicted within this many steps (``H_on``).
