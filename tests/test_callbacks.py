@@ -286,20 +286,31 @@ def test_overhead_advice_is_silent_under_the_threshold_and_on_empty_input():
     assert overhead_advice(0.1, 0.0, 0, 1, 0.1) is None
 
 
-def test_shock_monitor_warns_once_when_it_costs_more_than_overhead_warning(tmp_path):
-    # the tiny test model's step is far shorter than an observation: any real threshold is exceeded
+def test_shock_monitor_warns_once_when_it_costs_more_than_overhead_warning(tmp_path, monkeypatch):
+    # a fake clock, not a timing: every reading of it is 1 ms after the previous one, so each hook "takes" 1 ms and
+    # each step 4 ms (two hooks, two readings each; a log step's read adds two more): the monitor costs 100 % of
+    # the rest of the step, reads included (50 % at log steps)
+    import types
+
+    import shockmon.callbacks.monitor as monitor_module
+
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(monitor_module, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 1e-3))
     steps = COST_SKIP + COST_STEPS
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer(tmp_path, [ShockMonitor(overhead_warning=0.01)], max_steps=steps + 20).fit(TinyMLP())
-    advice = [w for w in caught if "of host time per training step" in str(w.message)]
+        trainer(tmp_path, [ShockMonitor(overhead_warning=0.5, log_every_n_steps=50)], max_steps=steps + 20).fit(
+            TinyMLP()
+        )
+    advice = [str(w.message) for w in caught if "of host time per training step" in str(w.message)]
     assert len(advice) == 1
-    assert "ShockMonitor(every_n_steps=" in str(advice[0].message)
+    assert "ShockMonitor takes 2.04 ms" in advice[0] and "measured over 100 steps at every_n_steps=1" in advice[0]
+    assert "ShockMonitor(every_n_steps=4)" in advice[0]  # 100 % -> 25 % of observations + 2 % of reads < 50 %
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer(tmp_path, [ShockMonitor(overhead_warning=None)], max_steps=steps).fit(TinyMLP())
-        trainer(tmp_path, [ShockMonitor(overhead_warning=1e6)], max_steps=steps).fit(TinyMLP())
-        trainer(tmp_path, [ShockMonitor(overhead_warning=0.01)], max_steps=steps - 1).fit(TinyMLP())  # not timed
+        trainer(tmp_path, [ShockMonitor(overhead_warning=1.5)], max_steps=steps).fit(TinyMLP())  # under it
+        trainer(tmp_path, [ShockMonitor(overhead_warning=0.5)], max_steps=steps - 1).fit(TinyMLP())  # not timed
     assert not [w for w in caught if "of host time per training step" in str(w.message)]
 
 
