@@ -34,7 +34,7 @@ MAD_TO_SD = 1.482602218505602
 
 
 def finite(x: Tensor) -> Tensor:
-    """``finite(x)`` for a floating tensor in two kernels instead of four (``isfinite`` is a composite of
+    """``torch.isfinite(x)`` for a floating tensor in two kernels instead of four (``isfinite`` is a composite of
     ``==``, ``abs``, ``!=`` and ``*``): the tracker calls it on small tensors every update, where each kernel
     launch, not the arithmetic, is the cost."""
     return x.abs() < math.inf

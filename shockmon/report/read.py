@@ -158,14 +158,16 @@ def _parse_exact(markdown: str) -> list[ShockEvent] | None:
     try:
         rows = json.loads(markdown[start + len(EVENTS_COMMENT) : end])
         return [
-            ShockEvent(
-                EventKind(kind),
-                str(group),
-                str(channel),
-                int(step),
-                math.inf if pred is None else float(pred),
-                0.0 if strength is None else float(strength),
-                tuple(int(u) for u in units),
+            ShockEvent.from_dict(
+                {
+                    "step": step,
+                    "kind": kind,
+                    "group": group,
+                    "channel": channel,
+                    "predicted_step": math.inf if pred is None else pred,  # JSON has no inf: written as null
+                    "strength": 0.0 if strength is None else strength,
+                    "units": units,
+                }
             )
             for step, kind, group, channel, pred, strength, units in rows
         ]
