@@ -64,6 +64,14 @@ _BUCKET_TENSORS = (
 )
 _BUCKET_TENSORS += ("derived",)
 _TIMES = ("step", "lr")
+#: settings the layout of a saved state depends on (ring and history lengths, the time axis, the particle
+#: subsample, the event rows): a state is always resumed with the values it was saved with
+_LAYOUT_SETTINGS = (
+    "window", "riccati_window", "trajectory_window", "time", "max_particles", "seed", "units", "capacity"
+)
+#: settings added after states were first saved, with the value that reproduces how such a state was made
+_LEGACY_SETTINGS = {"trajectory_alerts": True, "collective": 0.0, "coherence": 0.0}
+_SETTINGS_FROM = ("saved", "current")
 
 
 def _int_arg(name: str, value: Any, low: int) -> int:
@@ -1076,18 +1084,81 @@ class BurgersTracker:
             "rate_host": self._rate_host,
         }
 
-    def load_state_dict(self, d: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (tensors are moved to the device they were saved from, or kept)."""
-        with torch.inference_mode():  # the state tensors are inference tensors (see update)
-            self._load_state_dict(d)
+    def load_state_dict(self, d: Mapping[str, Any], *, settings: str = "saved") -> None:
+        """Restore from :meth:`state_dict` (tensors are moved to the device they were saved from, or kept).
 
-    def _load_state_dict(self, d: Mapping[str, Any]) -> None:
+        Args:
+            d: a :meth:`state_dict`.
+            settings: ``"saved"`` (default): take every setting from ``d``, so the tracker goes on exactly as
+                the one that saved it. ``"current"``: keep this tracker's thresholds (``horizon``, ``alpha``,
+                ``n_on``, ...) and take from ``d`` only the settings its layout depends on (``window``,
+                ``riccati_window``, ``trajectory_window``, ``time``, ``max_particles``, ``seed``, ``units``,
+                ``capacity``); a warning names every setting that differs, and which value is used. This is
+                how :class:`~shockmon.ShockMonitor` resumes: the settings it was built with apply.
+
+        A state saved before a setting existed resumes with the value that reproduces how it was made
+        (``coherence=0``, ``collective=0``, ``trajectory_alerts=True``), with a warning naming them.
+
+        Example:
+            >>> import torch, warnings
+            >>> src = BurgersTracker(horizon=50)
+            >>> src.update(0, {"a": torch.randn(10)})
+            >>> BurgersTracker().load_state_dict(src.state_dict())  # everything from the state: horizon 50
+            >>> mine = BurgersTracker(horizon=80)
+            >>> with warnings.catch_warnings(record=True) as caught:
+            ...     warnings.simplefilter("always")
+            ...     mine.load_state_dict(src.state_dict(), settings="current")
+            >>> mine.horizon, "horizon=80.0 (saved: 50.0)" in str(caught[0].message)
+            (80.0, True)
+        """
+        if not isinstance(settings, str) or settings not in _SETTINGS_FROM:
+            raise ValueError(f"Expected argument `settings` to be one of {_SETTINGS_FROM}, but got {settings!r}")
+        with torch.inference_mode():  # the state tensors are inference tensors (see update)
+            self._load_state_dict(d, settings)
+
+    def _resumed_config(self, saved: Mapping[str, Any], settings: str) -> dict[str, Any]:
+        """The configuration to resume ``saved`` with (see :meth:`load_state_dict`); warns about what differs."""
+        mine = self._config()
+        unknown = sorted(k for k in saved if k not in mine)
+        if unknown:
+            raise ValueError(
+                f"BurgersTracker state has settings this version does not know: {unknown} (saved by a newer"
+                " shockmon?); expected only " + ", ".join(mine)
+            )
+        if settings == "saved":
+            missing = {k: v for k, v in _LEGACY_SETTINGS.items() if k not in saved}
+            if missing:
+                warnings.warn(
+                    "BurgersTracker state saved before the setting(s) "
+                    + ", ".join(f"`{k}`" for k in missing)
+                    + " existed: resuming with "
+                    + ", ".join(f"{k}={v!r}" for k, v in missing.items())
+                    + ", the behaviour it was saved with.",
+                    stacklevel=4,
+                )
+            return {**mine, **missing, **saved}
+        cfg = {**mine, **{k: saved[k] for k in _LAYOUT_SETTINGS if k in saved}}
+        kept = [f"{k}={mine[k]!r} (saved: {saved[k]!r})" for k in mine if k in saved and k not in _LAYOUT_SETTINGS
+                and saved[k] != mine[k]]
+        forced = [f"{k}={saved[k]!r} (yours: {mine[k]!r})" for k in _LAYOUT_SETTINGS if k in saved
+                  and saved[k] != mine[k]]
+        if kept or forced:
+            parts = []
+            if kept:
+                parts.append("keeping this tracker's " + ", ".join(kept))
+            if forced:
+                parts.append("keeping the saved " + ", ".join(forced) + ": the saved history is laid out by it")
+            warnings.warn("BurgersTracker resumed with other settings than it was saved with: " + "; ".join(parts)
+                          + ".", stacklevel=4)
+        return cfg
+
+    def _load_state_dict(self, d: Mapping[str, Any], settings: str = "saved") -> None:
         version = d.get("version")
         if version != self.VERSION:
             raise ValueError(
                 f"Expected a BurgersTracker state_dict of version {self.VERSION}, but got {version!r}"
             )
-        cfg = d["config"]
+        cfg = self._resumed_config(d["config"], settings)
         if cfg != self._config():
             self.__init__(**cfg)  # type: ignore[misc]
         self.reset()

@@ -559,6 +559,21 @@ def test_reliability_resume_from_a_checkpoint_of_the_older_layout(tmp_path):
     assert resumed[0].state_dict()["version"] == 1
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_reliability_resume_with_other_tracker_settings_uses_them_and_says_so(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1)
+    first = ShockMonitor(horizon=50, log_every_n_steps=5, print_summary=False)
+    trainer(tmp_path / "a", [first, ckpt], max_steps=10, enable_checkpointing=True, limit_val_batches=0).fit(TinyMLP())
+    (path,) = (tmp_path / "ckpt").glob("*step=10*.ckpt")
+    resumed = ShockMonitor(horizon=80, window=12, log_every_n_steps=5, print_summary=False)
+    with pytest.warns(UserWarning, match="other settings") as caught:
+        trainer(tmp_path / "b", [resumed], max_steps=20, limit_val_batches=0).fit(TinyMLP(), ckpt_path=path)
+    (message,) = [str(w.message) for w in caught if "other settings" in str(w.message)]
+    assert "horizon=80.0 (saved: 50.0)" in message and "saved window=16 (yours: 12)" in message
+    assert resumed.tracker is not None and (resumed.tracker.horizon, resumed.tracker.window) == (80.0, 16)
+    assert resumed.num_observations == 20
+
+
 # ---------------------------------------------------------------------------------------------------- files
 class Counting(TinyMLP):
     def __init__(self) -> None:

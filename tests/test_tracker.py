@@ -11,6 +11,7 @@ import math
 import pickle
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -384,6 +385,63 @@ def test_tracker_load_state_dict_restores_configuration():
     dst = BurgersTracker()
     dst.load_state_dict(src.state_dict())
     assert dst.horizon == 50 and dst.window == 8
+
+
+def test_tracker_load_state_dict_current_settings_keeps_thresholds_and_the_saved_layout():
+    inputs = _mixed_inputs(90)
+    src = BurgersTracker(horizon=50, window=12)
+    for k, (groups, q) in enumerate(inputs[:60]):
+        src.update(k, groups, trajectory=q)
+    mine = BurgersTracker(horizon=80, window=16, alpha=0.01)
+    with pytest.warns(UserWarning, match="other settings") as caught:
+        mine.load_state_dict(src.state_dict(), settings="current")
+    (message,) = [str(w.message) for w in caught]
+    assert "horizon=80.0 (saved: 50.0)" in message and "alpha=0.01 (saved: 0.001)" in message
+    assert "disarm_horizon=160.0 (saved: 100.0)" in message  # resolved from the horizon it goes with
+    assert "saved window=12 (yours: 16)" in message and "riccati_window=12 (yours: 16)" in message
+    assert (mine.horizon, mine.alpha, mine.window, mine.riccati_window) == (80.0, 0.01, 12, 12)
+    for k, (groups, q) in enumerate(inputs[60:], start=60):
+        mine.update(k, groups, trajectory=q)
+    assert [b["count"] for b in mine.state_dict()["buckets"]] == [90, 90]  # the restored history went on
+
+
+def test_tracker_load_state_dict_current_settings_unchanged_is_silent_and_identical():
+    inputs = _mixed_inputs(130)
+    ref = BurgersTracker()
+    for k, (groups, q) in enumerate(inputs[:60]):
+        ref.update(k, groups, trajectory=q)
+    resumed = BurgersTracker()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.load_state_dict(copy.deepcopy(ref.state_dict()), settings="current")
+    for k, (groups, q) in enumerate(inputs[60:], start=60):
+        ref.update(k, groups, trajectory=q)
+        resumed.update(k, groups, trajectory=q)
+    a = ref.poll()
+    assert a == resumed.poll() and a
+
+
+def test_tracker_state_saved_before_a_setting_existed_resumes_as_it_was_made():
+    src = BurgersTracker()
+    src.update(0, {"a": torch.randn(10, 3)})
+    old = src.state_dict()
+    old["config"] = {k: v for k, v in old["config"].items() if k not in ("coherence", "collective")}
+    dst = BurgersTracker()
+    with pytest.warns(UserWarning, match=r"`collective`, `coherence` existed: resuming with collective=0.0, "):
+        dst.load_state_dict(old)
+    assert (dst.coherence, dst.collective, dst.horizon) == (0.0, 0.0, 200.0)
+    with warnings.catch_warnings():  # a tracker's own settings apply: nothing to say about the missing ones
+        warnings.simplefilter("error")
+        BurgersTracker().load_state_dict(old, settings="current")
+
+
+def test_tracker_load_state_dict_rejects_unknown_settings():
+    sd = BurgersTracker().state_dict()
+    sd["config"]["warp_drive"] = 1
+    with pytest.raises(ValueError, match=r"does not know: \['warp_drive'\]"):
+        BurgersTracker().load_state_dict(sd)
+    with pytest.raises(ValueError, match="`settings` to be one of \\('saved', 'current'\\), but got 'mine'"):
+        BurgersTracker().load_state_dict(BurgersTracker().state_dict(), settings="mine")
 
 
 def test_tracker_reset_forgets_everything():

@@ -482,7 +482,7 @@ class ShockMonitor(Callback):
         tracker_state = state_dict.get("tracker")
         if tracker_state is not None:
             if self._tracker is not None:
-                self._tracker.load_state_dict(tracker_state)
+                self._tracker.load_state_dict(tracker_state, settings="current")
             else:
                 self._pending_tracker_state = tracker_state
         observer_state = state_dict.get("observer")
@@ -595,7 +595,9 @@ class ShockMonitor(Callback):
         self._observer = None
         self._tracker = self._make_tracker()
         if self._pending_tracker_state is not None:
-            self._tracker.load_state_dict(self._pending_tracker_state)
+            # the settings this callback was built with apply; the state's layout (window, ...) is kept, and
+            # the tracker warns about every setting that differs from the checkpoint's
+            self._tracker.load_state_dict(self._pending_tracker_state, settings="current")
             self._pending_tracker_state = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
