@@ -291,9 +291,9 @@ def run_demo(
 ) -> DemoResult:
     """Train the grokking model with :class:`~shockmon.ShockMonitor` and TensorBoard logging.
 
-    Process-wide settings: ``torch.set_flush_denormal(True)`` stays on afterwards (weight decay drives weights
-    into subnormal floats, ~10x slower without it; torch has no getter to restore it); the intra-op thread count
-    (``threads``) and the demo's warning filters are restored on return.
+    Process-wide settings, all restored on return: ``torch.set_flush_denormal(True)`` while training (weight
+    decay drives weights into subnormal floats, ~10x slower without it), the intra-op thread count
+    (``threads``) and the demo's warning filters.
 
     Returns:
         A :class:`DemoResult`: when train accuracy fit, when test accuracy jumped, the alerts.
@@ -306,6 +306,7 @@ def run_demo(
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Expected argument `steps` to be a positive integer, but got {steps!r}")
     accelerator = resolve_device(device)
+    flush_before = flush_denormal_on()
     torch.set_flush_denormal(True)  # weight decay drives weights subnormal: ~10x slower without this
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads())
@@ -316,6 +317,19 @@ def run_demo(
             return _train(steps, seed, out, accelerator, model, eval_every, log_every, progress_bar)
     finally:
         torch.set_num_threads(threads_before)
+        torch.set_flush_denormal(flush_before)
+
+
+def flush_denormal_on() -> bool:
+    """Whether ``torch.set_flush_denormal`` is on in this process (torch has no getter): a subnormal float
+    multiplied on the CPU reads as zero when it is. One tiny host operation.
+
+    Example:
+        >>> import torch
+        >>> torch.set_flush_denormal(True), flush_denormal_on(), torch.set_flush_denormal(False), flush_denormal_on()
+        (True, True, True, False)
+    """
+    return bool((torch.tensor([1e-39]) * 1.0)[0] == 0)
 
 
 def _train(

@@ -41,7 +41,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 
 def test_demo_transformer_variant_runs(tmp_path):
-    threads = torch.get_num_threads()
+    threads, flush = torch.get_num_threads(), demo.flush_denormal_on()
+    torch.set_flush_denormal(False)
     result = demo.run_demo(
         steps=4,
         out=str(tmp_path),
@@ -55,6 +56,18 @@ def test_demo_transformer_variant_runs(tmp_path):
     assert result.steps == 4 and result.model == "transformer"
     assert "attention" in result.symmetry_report
     assert torch.get_num_threads() == threads  # the demo's thread count is its own
+    assert not demo.flush_denormal_on()  # and so is flushing subnormal floats
+    torch.set_flush_denormal(flush)
+
+
+def test_demo_flush_denormal_probe_reads_the_setting():
+    before = demo.flush_denormal_on()
+    try:
+        for on in (True, False, True):
+            torch.set_flush_denormal(on)
+            assert demo.flush_denormal_on() is on
+    finally:
+        torch.set_flush_denormal(before)
 
 
 def test_demo_history_and_split():
