@@ -386,6 +386,45 @@ def test_reliability_model_moved_between_cpu_and_cuda_mid_run(tmp_path):
     assert monitor.num_observations == 20 and monitor.events == []
 
 
+@pytest.mark.parametrize("case", ["mlp", "cnn", "gpt"])
+def test_reliability_per_step_path_runs_where_the_host_cannot_read_values(case):
+    """The per-step path on the ``meta`` device, whose tensors have no values: a host sync (``.item()``,
+    ``bool()``, ``.cpu()``, ``.tolist()``) raises there, and so does a tensor made on the CPU and mixed in (a
+    0-d CPU tensor is a scalar, as on a GPU). The CPU stand-in for the GPU checks no machine here can run."""
+    from benchmarks.overhead import cases
+
+    with torch.device("meta"):
+        net = cases(True, "cpu")[case].net()
+    for p in net.parameters():
+        p.grad = torch.empty_like(p)
+    observer, tracker = Observer(net), BurgersTracker()
+    for step in range(2 * tracker.window + 4):  # past a full window: every stage of the tracker runs
+        read = step % 5 == 0  # a log step: the gradient observables, spectra and raw norms too
+        grads = observer.grad_observables(check_finite=True) if read else {"grads:finite": observer.grads_finite()}
+        values = observer.compute(lr=1e-3, spectra=read, raw=read)
+        tracker.update(step, observer.units(), trajectory=observer.trajectory(values), lr=1e-3)
+        outputs = [*grads.values(), *values.values(), *tracker.forecast().values(), *tracker.summary().values()]
+        assert {t.device.type for t in outputs} == {"meta"}
+    assert len(tracker.groups) == len(observer.units()) > 0
+
+
+def test_reliability_tracker_state_moves_to_the_device_of_its_inputs():
+    """A tracker that ran on the CPU, fed tensors on another device (``meta`` here, CUDA for a user whose
+    checkpoint was saved on the CPU), moves its state there once and goes on without touching the host."""
+    g = torch.Generator().manual_seed(0)
+    tracker = BurgersTracker()
+    for step in range(30):
+        tracker.update(step, {"a": torch.randn(64, 3, generator=g), "b": torch.randn(40, generator=g)},
+                       trajectory=torch.randn(5, generator=g))
+    meta = {"a": torch.empty(64, 3, device="meta"), "b": torch.empty(40, device="meta")}
+    for step in range(30, 50):
+        tracker.update(step, meta, trajectory=torch.empty(5, device="meta"))
+    assert {t.device.type for t in tracker.summary().values()} == {"meta"}
+    sd = tracker.state_dict()
+    assert {t.device.type for t in sd["g"].values()} == {"meta"}
+    assert {t.device.type for b in sd["buckets"] for t in b.values() if torch.is_tensor(t)} == {"meta"}
+
+
 def test_reliability_one_unit_groups(tmp_path):
     observer = Observer(_mlp(hidden=1))
     values = observer.compute()
