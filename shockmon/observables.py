@@ -170,22 +170,23 @@ def participation_ratio(x: torch.Tensor) -> torch.Tensor:
 
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:
-    """Euclidean norms of the rows of a 2-D ``x``, as an ``(n, 1)`` column.
+    """Euclidean norms of the rows of ``x`` ``(..., n, d)``, as ``(..., n, 1)`` columns.
 
-    The same as ``x.norm(dim=1, keepdim=True)``, but a sum of squares: ``norm`` over short or strided rows
+    The same as ``x.norm(dim=-1, keepdim=True)``, but a sum of squares: ``norm`` over short or strided rows
     (the per-unit projections are ``(n, 4)`` transposed views) is an order of magnitude slower on CPU.
     """
-    return x.square().sum(1, keepdim=True).sqrt()
+    return x.square().sum(-1, keepdim=True).sqrt()
 
 
 @torch.no_grad()
 def direction_coherence(u: torch.Tensor) -> torch.Tensor:
-    """Mean squared cosine ``‖UᵀU‖²_F / n²`` between the rows of ``u`` (normalised here): 1 when all rows are
-    parallel, ``≈ 1/d`` when spread. Computed on the smaller Gram side."""
-    n = u.shape[0]
+    """Mean squared cosine ``‖UᵀU‖²_F / n²`` between the rows of ``u`` ``(..., n, d)`` (normalised here): 1 when
+    all rows are parallel, ``≈ 1/d`` when spread. Computed on the smaller Gram side; batched over leading
+    dimensions."""
+    n = u.shape[-2]
     un = u / row_norms(u).clamp_min(_TINY)
-    g = un.t() @ un if un.shape[1] <= n else un @ un.t()
-    return g.square().sum() / (n * n)
+    g = un.mT @ un if un.shape[-1] <= n else un @ un.mT
+    return g.square().sum((-2, -1)) / (n * n)
 
 
 @torch.no_grad()

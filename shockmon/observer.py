@@ -335,56 +335,141 @@ class Observer:
         return res
 
     # ------------------------------------------------------------------ finishing (complete values, no more comm)
-    def _finish_chain(self, chain: RescaleChain, cp: O.ChainPass, out: dict[str, torch.Tensor]) -> None:
-        out[f"quotient/rescale/{chain.name}/path_norm"] = cp.path_norm_sq.clamp_min(0).sqrt()
-        if cp.row_profile is not None:
-            self._row_profiles[chain.layers[-1].path] = cp.row_profile
-        for k, group in enumerate(chain.groups()):
-            g, pi = group.name, cp.masses[k]
-            srt = pi.sort().values
-            n = srt.numel()
-            pre = f"quotient/rescale/{g}"
-            out[f"{pre}/path_mass/sorted"] = srt
-            out[f"{pre}/path_mass_total"] = srt.sum()
-            out[f"{pre}/path_mass_max"] = srt[-1]
-            out[f"{pre}/path_mass_median"] = srt[(n - 1) // 2]
-            out[f"{pre}/path_mass_participation"] = O.participation_ratio(srt)
-            bal = cp.raw_in[k] - cp.raw_out[k]  # raw-side: balancedness of the raw parameters
-            out[f"raw/{g}/balancedness"] = bal.norm()
-            prev = self._balancedness.get(g)
-            ok = prev is not None and prev.shape == bal.shape
-            out[f"dynamics/rescale/{g}/balancedness_drift"] = (bal - prev).norm() if ok else _nan(bal)  # type: ignore[operator]
-            self._balancedness[g] = bal
-            dirs = torch.cat([_unit_rows(cp.in_dirs[k]), _unit_rows(cp.out_dirs[k])], dim=1)
-            # coordinates: [¼ log π (the log balanced norm for one hidden layer), incoming dir, outgoing dir]
-            self._units[f"rescale/{g}"] = torch.cat([0.25 * pi.clamp_min(_TINY).log()[:, None], dirs], dim=1)
-            out[f"{pre}/direction_coherence"] = O.direction_coherence(dirs)
-
-    def _finish_attention(
-        self, spec: AttentionSpec, grams: tuple[torch.Tensor, ...], spectra: bool, out: dict[str, torch.Tensor]
+    def _finish_chains(
+        self, chains: list[RescaleChain], passes: list[O.ChainPass], out: dict[str, torch.Tensor]
     ) -> None:
+        """Finish every rescaling chain's values. Hidden layers of the same shape (the MLP blocks of a Transformer)
+        are finished together, stacked: one set of batched kernels for all of them instead of one per layer (what a
+        GPU pays for in launches). Values come out per layer as views, in model order, as if each were finished
+        alone."""
+        if not chains:
+            return
+        norms = torch.stack([cp.path_norm_sq for cp in passes]).clamp_min(0).sqrt()
+        items = [(ci, k, group.name) for ci, chain in enumerate(chains) for k, group in enumerate(chain.groups())]
+        buckets: dict[tuple[Any, ...], list[int]] = {}
+        for j, (ci, k, _) in enumerate(items):
+            cp = passes[ci]
+            parts = (cp.masses[k], cp.raw_in[k], cp.raw_out[k], cp.in_dirs[k], cp.out_dirs[k])
+            buckets.setdefault(tuple((t.shape, t.dtype, t.device) for t in parts), []).append(j)
+        done: dict[int, dict[str, torch.Tensor]] = {}
+        for idx in buckets.values():
+            sel = [items[j] for j in idx]
+            stacked = [
+                torch.stack([getattr(passes[ci], f)[k] for ci, k, _ in sel])
+                for f in ("masses", "raw_in", "raw_out", "in_dirs", "out_dirs")
+            ]
+            done.update(zip(idx, self._rescale_values([g for _, _, g in sel], *stacked)))
+        j = 0
+        for ci, (chain, cp) in enumerate(zip(chains, passes)):
+            out[f"quotient/rescale/{chain.name}/path_norm"] = norms[ci]
+            if cp.row_profile is not None:
+                self._row_profiles[chain.layers[-1].path] = cp.row_profile
+            for group in chain.groups():
+                vals = done[j]
+                j += 1
+                self._units[f"rescale/{group.name}"] = vals.pop("units")
+                out.update(vals)
+
+    def _rescale_values(
+        self, names: list[str], pi: torch.Tensor, raw_in: torch.Tensor, raw_out: torch.Tensor, in_dirs: torch.Tensor,
+        out_dirs: torch.Tensor,
+    ) -> list[dict[str, torch.Tensor]]:
+        """The values of ``A`` hidden layers of ``n`` units from their stacked path masses ``(A, n)``, raw squared
+        norms ``(A, n)`` and direction projections ``(A, n, q)``: one dict per layer (and ``"units"``)."""
+        A, n = pi.shape
+        srt = pi.sort(-1).values
+        total = srt.sum(-1)
+        participation = total * total / (n * srt.square().sum(-1)).clamp_min(_TINY)
+        bal = raw_in - raw_out  # raw-side: balancedness of the raw parameters
+        bal_norm = torch.linalg.vector_norm(bal, dim=-1)
+        prev = [self._balancedness.get(g) for g in names]
+        if all(p is not None and p.shape == bal.shape[1:] for p in prev):
+            drift = torch.linalg.vector_norm(bal - torch.stack(prev), dim=-1)  # type: ignore[arg-type]
+        else:  # a first step (or a layer that changed shape): the drift of those layers is not defined yet
+            drift = torch.stack([
+                torch.linalg.vector_norm(bal[a] - p) if p is not None and p.shape == bal.shape[1:] else _nan(bal)
+                for a, p in enumerate(prev)
+            ])
+        dirs = torch.cat([_unit_rows(in_dirs), _unit_rows(out_dirs)], dim=-1)  # (A, n, 2q)
+        # coordinates: [¼ log π (the log balanced norm for one hidden layer), incoming dir, outgoing dir]
+        units = torch.cat([0.25 * pi.clamp_min(_TINY).log()[..., None], dirs], dim=-1)
+        coherence = O.direction_coherence(dirs)
+        res = []
+        for a, g in enumerate(names):
+            self._balancedness[g] = bal[a]
+            pre = f"quotient/rescale/{g}"
+            res.append({
+                f"{pre}/path_mass/sorted": srt[a],
+                f"{pre}/path_mass_total": total[a],
+                f"{pre}/path_mass_max": srt[a, -1],
+                f"{pre}/path_mass_median": srt[a, (n - 1) // 2],
+                f"{pre}/path_mass_participation": participation[a],
+                f"raw/{g}/balancedness": bal_norm[a],
+                f"dynamics/rescale/{g}/balancedness_drift": drift[a],
+                f"{pre}/direction_coherence": coherence[a],
+                "units": units[a],
+            })
+        return res
+
+    def _finish_attentions(
+        self, specs: list[AttentionSpec], grams: list[tuple[torch.Tensor, ...]], spectra: bool,
+        out: dict[str, torch.Tensor],
+    ) -> None:
+        """Finish every attention module's values. Modules whose per-head Grams have the same shapes (the blocks
+        of a Transformer) are finished together, stacked: one set of batched kernels for all of them instead of
+        one per module (a 12-block model: ~50 kernels instead of ~640 per step, what a GPU pays for in launches).
+        Values come out per module as views, in module order, as if each were finished alone."""
+        buckets: dict[tuple[Any, ...], list[int]] = {}
+        for i, g in enumerate(grams):
+            buckets.setdefault(tuple((t.shape, t.dtype, t.device) for t in g), []).append(i)
+        done: dict[int, dict[str, torch.Tensor]] = {}
+        for idx in buckets.values():
+            stacked = [torch.stack([grams[i][j] for i in idx]) for j in range(4)]
+            for i, vals in zip(idx, self._attention_values(stacked, spectra)):
+                done[i] = vals
+        for i, spec in enumerate(specs):
+            vals = done[i]
+            self._units[f"attention/{spec.name}"] = vals.pop("units")
+            for key, v in vals.items():
+                out[key.replace("<name>", spec.name)] = v
+
+    @staticmethod
+    def _attention_values(grams: list[torch.Tensor], spectra: bool) -> list[dict[str, torch.Tensor]]:
+        """The values of ``A`` attention modules from their stacked per-head Grams ``(A, heads, d_head, d_head)``
+        (keys with ``<name>`` for the module's name, and ``"units"``), one dict per module."""
         gq, gk, gv, go = grams
+        A = gq.shape[0]
+        fams = []
         units = []
         for fam, ga, gb in (("attention_qk", gq, gk), ("attention_vo", gv, go)):
             # M = G_a G_b has the squared singular values of the head's product as eigenvalues:
             # tr M = Σσ², tr M² = Σσ⁴ -- invariants without an eigensolver
             mm = ga @ gb
-            s2 = mm.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0)
+            s2 = mm.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0)  # (A, heads)
             s4 = (mm * mm.transpose(-2, -1)).sum((-2, -1)).clamp_min(_TINY)
             norms = s2.sqrt()
-            pre = f"quotient/{fam}/{spec.name}"
-            out[f"{pre}/head_norms/sorted"] = norms.sort().values
-            out[f"{pre}/norm"] = s2.sum().sqrt()
-            out[f"{pre}/max_head"] = norms.max()
-            out[f"{pre}/effective_rank"] = (s2.square() / s4).mean()
+            vals = {
+                "head_norms/sorted": norms.sort(-1).values,
+                "norm": s2.sum(-1).sqrt(),
+                "max_head": norms.amax(-1),
+                "effective_rank": (s2.square() / s4).mean(-1),
+            }
             if spectra:
-                sv = O.gram_pair_singular_values(ga, gb)
-                out[f"{pre}/singular_values/sorted"] = sv.flatten().sort().values
-                out[f"{pre}/top_singular"] = sv[:, 0].max()
-            units.append(torch.stack([0.5 * s2.clamp_min(_TINY).log(), 0.25 * s4.log()], dim=1))
-        self._units[f"attention/{spec.name}"] = torch.cat(units, dim=1)
-        for name, g in (("q", gq), ("k", gk), ("v", gv), ("o", go)):
-            out[f"raw/{spec.name}/{name}"] = g.diagonal(dim1=-2, dim2=-1).sum().clamp_min(0).sqrt()
+                sv = O.gram_pair_singular_values(ga, gb)  # (A, heads, d_head), descending
+                vals["singular_values/sorted"] = sv.flatten(1).sort(-1).values
+                vals["top_singular"] = sv[..., 0].amax(-1)
+            fams.append((fam, vals))
+            units.append(torch.stack([0.5 * s2.clamp_min(_TINY).log(), 0.25 * s4.log()], dim=-1))
+        unit_all = torch.cat(units, dim=-1)  # (A, heads, 4)
+        raw = torch.stack(grams).diagonal(dim1=-2, dim2=-1).sum((-2, -1)).clamp_min(0).sqrt()  # (4, A)
+        res = []
+        for a in range(A):
+            d = {f"quotient/{fam}/<name>/{k}": v[a] for fam, vals in fams for k, v in vals.items()}
+            d["units"] = unit_all[a]
+            for r, name in enumerate("qkvo"):
+                d[f"raw/<name>/{name}"] = raw[r, a]
+            res.append(d)
+        return res
 
     def _finish_normscale(
         self, spec: NormScaleSpec, res: dict[str, Any], lr: Any, out: dict[str, torch.Tensor]
@@ -432,10 +517,11 @@ class Observer:
         res = self._drive(gens)
         out: dict[str, torch.Tensor] = {f"raw/{n}": v for n, v in zip(self._raw_names, res.get("raw", ()))}
         self._units, self._row_profiles = {}, {}
-        for i, c in enumerate(self.report.chains):
-            self._finish_chain(c, res[f"c{i}"], out)
-        for i, a in enumerate(self.report.attentions):
-            self._finish_attention(a, res[f"a{i}"], spectra, out)
+        chains = self.report.chains
+        self._finish_chains(list(chains), [res[f"c{i}"] for i in range(len(chains))], out)
+        attentions = self.report.attentions
+        if attentions:
+            self._finish_attentions(list(attentions), [res[f"a{i}"] for i in range(len(attentions))], spectra, out)
         for i, ns in enumerate(self.report.norm_scales):
             self._finish_normscale(ns, res[f"n{i}"], lr, out)
         return out
@@ -614,7 +700,9 @@ class Observer:
             )
         if not self._trajectory_keys:
             return torch.zeros(0, dtype=self.dtype, device=self._device())
-        return torch.stack([values[k].to(self.dtype) for k in self._trajectory_keys]).clamp_min(1e-30).log()
+        dt = self.dtype
+        vals = [values[k] for k in self._trajectory_keys]
+        return torch.stack([v if v.dtype == dt else v.to(dt) for v in vals]).clamp_min(1e-30).log()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -622,7 +710,8 @@ class Observer:
         return {
             "version": _STATE_VERSION,
             "r": {k: [t.detach().cpu() for t in v] for k, v in self._r.items()},
-            "balancedness": {k: v.detach().cpu() for k, v in self._balancedness.items()},
+            # clones: the values are views of the layers' stacked tensors, which a save would write out whole
+            "balancedness": {k: v.detach().cpu().clone() for k, v in self._balancedness.items()},
             "prev_w": {k: v.detach().cpu() for k, v in self._prev_w.items()},
             "trajectory_keys": self._trajectory_keys,
         }
