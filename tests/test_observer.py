@@ -20,6 +20,7 @@ from symmetry_models import (
 from torch import nn
 
 from shockmon import Observer, discover
+from shockmon.observables import direction_coherence
 
 torch.set_num_threads(1)
 
@@ -364,3 +365,43 @@ def test_observer_never_reuses_stale_values_after_untracked_writes() -> None:
     for k, v in fresh.compute().items():
         if not k.startswith("dynamics/"):
             torch.testing.assert_close(obs.compute()[k], v, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_observer_blocks_finished_together_equal_each_finished_alone() -> None:
+    """Blocks of the same shape are finished stacked (one set of batched kernels for all of them): every value and
+    unit coordinate of each block equals an observer's of that block alone, over two steps (the balancedness drift
+    needs the previous one), with one block of another shape in the middle (a bucket of its own)."""
+    torch.manual_seed(0)
+
+    def layer(ff: int) -> nn.Module:
+        return nn.TransformerEncoderLayer(16, 4, dim_feedforward=ff, dropout=0.0, batch_first=True)
+
+    blocks = [layer(32), layer(32), layer(48), layer(32)]
+    full = Observer(nn.Sequential(*blocks))
+    alone = [Observer(b) for b in blocks]
+    for step in range(2):
+        values = full.compute(lr=0.1)
+        units = full.units()
+        names = [("rescale", "linear1"), ("attention", "self_attn")]
+        assert units.keys() == {f"{fam}/{i}.{m}" for i in range(4) for fam, m in names}
+        for i, obs in enumerate(alone):
+            own = obs.compute(lr=0.1)
+            assert len(own) * 4 == len(values)
+            for key, v in own.items():
+                parts = key.split("/")  # <kind>/<family>/<module>/... or raw/<module>...: the module gets "i."
+                at = 1 if parts[0] == "raw" else 2
+                mine = "/".join([*parts[:at], f"{i}.{parts[at]}", *parts[at + 1 :]])
+                if key.endswith("direction_coherence"):  # directions are random projections seeded by the name
+                    continue
+                torch.testing.assert_close(values[mine], v, rtol=1e-5, atol=1e-6, equal_nan=True, msg=mine)
+            for key, u in obs.units().items():
+                fam, name = key.split("/", 1)
+                cols = slice(None) if fam == "attention" else slice(0, 1)  # rescale: the log mass (not projected)
+                torch.testing.assert_close(units[f"{fam}/{i}.{name}"][:, cols], u[:, cols], rtol=1e-5, atol=1e-6)
+            # the directions (units' columns 1:) give the layer's coherence, batched as alone
+            coherence = direction_coherence(units[f"rescale/{i}.linear1"][:, 1:])
+            torch.testing.assert_close(values[f"quotient/rescale/{i}.linear1/direction_coherence"], coherence)
+        assert torch.isfinite(values["dynamics/rescale/0.linear1/balancedness_drift"]) == (step == 1)
+        with torch.no_grad():
+            for b in blocks:
+                b.linear1.weight.mul_(1.01)
