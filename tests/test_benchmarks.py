@@ -269,3 +269,17 @@ def test_overhead_cuda_adds_the_gpt2_sized_model_and_refuses_without_cuda(monkey
     if not torch.cuda.is_available():
         proc = _run("benchmarks.overhead", "--quick", "--device", "cuda")
         assert proc.returncode != 0 and "CUDA is not available" in proc.stderr
+
+
+def test_kernels_benchmark_quick_counts_the_per_step_work(tmp_path):
+    out = tmp_path / "kernels.json"
+    proc = _run("benchmarks.kernels", "--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    rows = {r["model"]: r for r in doc["results"]}
+    assert list(rows) == ["mlp", "gpt"]
+    for r in rows.values():
+        assert 0 < r["kernels_per_step"] < r["dispatches_per_step"] and r["log_step_extra_kernels"] > 0
+        assert f"{r['model']:6s}" in proc.stdout
+    # the GPT-like model's 6 blocks are finished together: far fewer kernels than 6 times a block's finishing
+    assert rows["gpt"]["kernels_per_step"] < 2 * rows["mlp"]["kernels_per_step"]
