@@ -39,43 +39,43 @@ def forecast_trend(ts: Tensor, Ts: Tensor, sds: Tensor, min_points: int) -> tupl
     Ornstein--Uhlenbeck pull) has constant ``tau``: the forecast recedes, slope 1. So does a viscous shock
     once formed (the gradient saturates at ``-U^2/(2 nu)``).
     """
-    ok = finite(Ts) & finite(ts)
+    ok = finite(Ts + ts)
     m = ok.double()
     cnt = m.sum(1)
-    t0 = torch.where(ok, ts, torch.zeros_like(ts))
-    y0 = torch.where(ok, Ts, torch.zeros_like(Ts))
-    tbar = (m * t0).sum(1, keepdim=True) / cnt.clamp_min(1)[:, None]
-    ybar = (m * y0).sum(1, keepdim=True) / cnt.clamp_min(1)[:, None]
-    dt = (t0 - tbar) * m
-    stt = (dt * dt).sum(1)
-    b = (dt * (y0 - ybar)).sum(1) / stt.clamp_min(1e-300)
-    res = (y0 - ybar - b[:, None] * dt) * m
-    se = torch.sqrt((res * res).sum(1) / (cnt - 2).clamp_min(1) / stt.clamp_min(1e-300))
-    sd0 = torch.where(ok, sds, torch.zeros_like(sds))
-    rms = torch.sqrt((sd0 * sd0 * m).sum(1) / cnt.clamp_min(1))
-    tmax = torch.where(ok, ts, torch.full_like(ts, -math.inf)).amax(1)
-    tmin = torch.where(ok, ts, torch.full_like(ts, math.inf)).amin(1)
+    tT = torch.where(ok, torch.stack([ts, Ts]), 0.0)  # (2, G, M)
+    mean = tT.sum(2, keepdim=True) / cnt.clamp_min(1)[:, None]
+    d = (tT - mean) * m  # (2, G, M): dt, dT
+    prod = d * d[0]  # dt^2, dt dT
+    stt, stT = prod.sum(2)
+    sTT = (d[1] * d[1]).sum(1)
+    b = stT / stt.clamp_min(1e-300)
+    se = torch.sqrt((sTT - b * stT).clamp_min(0) / (cnt - 2).clamp_min(1) / stt.clamp_min(1e-300))
+    sd0 = torch.where(ok, sds, 0.0)
+    rms = torch.sqrt((sd0 * sd0).sum(1) / cnt.clamp_min(1))
+    tmax = torch.where(ok, ts, -math.inf).amax(1)
+    tmin = torch.where(ok, ts, math.inf).amin(1)
     span = (tmax - tmin).clamp_min(1e-300)
     se = torch.maximum(se, 1.5 * rms / span)
     enough = (cnt >= min_points) & (stt > 0)
-    nan = torch.full_like(b, math.nan)
-    return torch.where(enough, b, nan), torch.where(enough, se, nan)
+    return torch.where(enough, b, math.nan), torch.where(enough, se, math.nan)
 
 
 def step_machine(
     st: dict[str, Tensor],
-    upd: Tensor,
+    upd: Tensor | None,
     warm: bool,
     steps_to: Tensor,
     shock_cond: Tensor,
     nonfinite: Tensor,
     cfg: dict[str, float],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Advance the hysteresis state machine in place; return ``(to_forecast, to_shock, to_divergence)``.
+    """Advance the hysteresis state machine; return ``(to_forecast, to_shock, to_divergence)``.
 
     Args:
-        st: state tensors ``state, on, off, shk, cool, div`` of shape ``(G,)`` (updated in place).
-        upd: groups updated this call (``(G,)`` bool); warm: past the warm-up gate.
+        st: state tensors ``state, on, off, shk, cool, div`` of shape ``(G,)``; replaced by their next values
+            (new tensors: nothing may hold on to the old ones).
+        upd: groups updated this call (``(G,)`` bool), ``None`` when every group was (known on the host: nothing
+            to mask); warm: past the warm-up gate.
         steps_to: steps to the forecast shock (``inf`` when none, or not Burgers-consistent).
         shock_cond: the shock criterion holds; nonfinite: the input was non-finite.
         cfg: ``h_on, h_off, n_on, n_off, n_shock, cooldown``.
@@ -84,30 +84,34 @@ def step_machine(
     holds ``n_shock`` updates; disarm when the time to shock exceeds ``h_off`` for ``n_off`` updates, then
     cool down for ``cooldown`` updates. At most one transition per group per update.
     """
-    state, on, off, shk, cool = st["state"], st["on"], st["off"], st["shk"], st["cool"]
-    zero = torch.zeros_like(on)
-    arm = (steps_to >= 0) & (steps_to < cfg["h_on"]) & (cool == 0) & warm  # a crossing already past: no
-    on_new = torch.where(arm, on + 1, zero)
+    state, on, off, shk, cool, div = st["state"], st["on"], st["off"], st["shk"], st["cool"], st["div"]
+    if warm:
+        arm = (steps_to >= 0) & (steps_to < cfg["h_on"]) & (cool == 0)  # a crossing already past: no
+        on_new = (on + 1) * arm
+        shk_new = (shk + 1) * shock_cond
+    else:  # the warm-up gate (host-known): nothing arms, no shock criterion counts
+        on_new, shk_new = torch.zeros_like(on), torch.zeros_like(shk)
     # in-shock disarms like imminent, on the Burgers-consistent forecast: a raw significant compression
     # somewhere in a group of many particles is almost always present, and would hold the state forever
-    far = steps_to > cfg["h_off"]
-    off_new = torch.where(far, off + 1, zero)
-    shk_new = torch.where(shock_cond & warm, shk + 1, zero)
-    to_shock = upd & (state != IN_SHOCK) & (shk_new >= cfg["n_shock"]) & ((state == IMMINENT) | (cool == 0))
-    to_arm = upd & (state == PRE) & ~to_shock & (on_new >= cfg["n_on"])
-    to_pre = upd & (state != PRE) & ~to_shock & (off_new >= cfg["n_off"])
-    new_state = torch.where(
-        to_shock, IN_SHOCK, torch.where(to_arm, IMMINENT, torch.where(to_pre, PRE, state))
-    )
-    cool_new = torch.where(to_pre, torch.full_like(cool, int(cfg["cooldown"])), (cool - 1).clamp_min(0))
-    moved = to_shock | to_arm | to_pre
-    st["state"].copy_(torch.where(upd, new_state, state))
-    st["on"].copy_(torch.where(upd, on_new, on))
-    st["off"].copy_(torch.where(upd, torch.where(moved, zero, off_new), off))
-    st["shk"].copy_(torch.where(upd, torch.where(to_shock, zero, shk_new), shk))
-    st["cool"].copy_(torch.where(upd, cool_new, cool))
-    to_div = upd & nonfinite & ~st["div"]
-    st["div"].copy_(torch.where(upd, nonfinite, st["div"]))
+    off_new = (off + 1) * (steps_to > cfg["h_off"])
+    to_shock = (state != IN_SHOCK) & (shk_new >= cfg["n_shock"]) & ((state == IMMINENT) | (cool == 0))
+    stay = ~to_shock
+    to_arm = (state == PRE) & stay & (on_new >= cfg["n_on"])
+    to_pre = (state != PRE) & stay & (off_new >= cfg["n_off"])
+    to_div = nonfinite & ~div
+    if upd is not None:
+        to_shock, to_arm, to_pre, to_div = to_shock & upd, to_arm & upd, to_pre & upd, to_div & upd
+    new = {
+        "state": torch.where(to_shock, IN_SHOCK, torch.where(to_arm, IMMINENT, torch.where(to_pre, PRE, state))),
+        "on": on_new,
+        "off": off_new * ~(to_shock | to_arm | to_pre),
+        "shk": shk_new * ~to_shock,
+        "cool": torch.where(to_pre, int(cfg["cooldown"]), (cool - 1).clamp_min(0)),
+        "div": nonfinite,
+    }
+    if upd is not None:
+        new = {k: torch.where(upd, v, st[k]) for k, v in new.items()}
+    st.update(new)
     return to_arm, to_shock, to_div
 
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from shockmon._device import to_device
+
 Tensor = torch.Tensor
 
 MAD_TO_SD = 1.482602218505602
@@ -131,7 +133,7 @@ def _fit_weights_cached(
     rel: tuple[float, ...], filled: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, float, float, float]:
     ws, wm, tbar, var_iid, var_walk = window_weights_host(list(rel), filled)
-    return torch.tensor([wm[:filled], ws[:filled]], dtype=dtype, device=device), tbar, var_iid, var_walk
+    return to_device(torch.tensor([wm[:filled], ws[:filled]], dtype=dtype), device), tbar, var_iid, var_walk
 
 
 def fit_window(pos: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:

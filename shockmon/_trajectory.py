@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+from shockmon._device import to_device
 from shockmon._particles import finite, relative_times
 
 Tensor = torch.Tensor
@@ -69,7 +70,7 @@ def _design_cached(rel: tuple[float, ...], filled: int, device: torch.device) ->
     scale = np.sqrt(np.maximum(np.diag(G), 1e-300))
     Ginv = np.linalg.inv(G / np.outer(scale, scale) + 1e-12 * np.eye(3)) / np.outer(scale, scale)
     W = Ginv @ X.T
-    both = torch.from_numpy(np.concatenate([W, X.T], 0)).to(device)
+    both = to_device(torch.from_numpy(np.concatenate([W, X.T], 0)), device)
     return both[:3], both[3:].T, tbar, float(Ginv[1, 1])
 
 
@@ -86,7 +87,7 @@ def path_rate(
     L, P = ring.shape
     if host_times is not None:
         W, X, tbar_h, var_b_h = quadratic_design_host(host_times, filled, ring.device)
-        tbar = torch.tensor(tbar_h, dtype=torch.float64, device=ring.device)
+        tbar = torch.full((), tbar_h, dtype=torch.float64, device=ring.device)  # a fill: no host->device copy
         var_b: Tensor | float = var_b_h
         W = W.to(ring.dtype)
         X = X.to(ring.dtype)
@@ -131,29 +132,31 @@ def riccati_fit(
         ``(b, se_b, t_star)``: slope, its standard error, and the zero of the line (``inf`` when ``b <= 0`` or
         the current ``1/s >= 0``, i.e. no blow-up ahead).
     """
-    y = (1.0 / ss).double()
-    s2 = ss.double() ** 2
+    ss = ss.double()
+    y = 1.0 / ss
+    s2 = ss * ss
     vy = vs.double() / (s2 * s2).clamp_min(1e-300)
-    ok = finite(y) & finite(ts) & finite(vy) & (vy > 0)
-    w = torch.where(ok, 1.0 / torch.where(ok, vy, torch.ones_like(vy)), torch.zeros_like(vy))
-    cnt = ok.double().sum()
-    t0 = torch.where(ok, ts, torch.zeros_like(ts))
-    y0 = torch.where(ok, y, torch.zeros_like(y))
+    # each of y, ts, vy finite (a sum of finite values overflows only beyond 1e308; inf - inf is nan)
+    ok = finite(y + ts + vy) & (vy > 0)
+    w = torch.where(ok, vy.reciprocal(), 0.0)
+    okd = ok.double()
+    ty = torch.where(ok, torch.stack([ts, y]), 0.0)  # (2, M): t and y, zero where not ok
     sw = w.sum().clamp_min(1e-300)
-    tbar = (w * t0).sum() / sw
-    ybar = (w * y0).sum() / sw
-    dt = (t0 - tbar) * ok.double()
-    stt = (w * dt * dt).sum()
-    b = (w * dt * (y0 - ybar)).sum() / stt.clamp_min(1e-300)
-    res = (y0 - ybar - b * dt) * ok.double()
-    chi2 = (w * res * res).sum() / (cnt - 2).clamp_min(1)
+    mean = (ty * w).sum(1, keepdim=True) / sw  # (2, 1): weighted tbar, ybar
+    d = (ty - mean) * okd  # (2, M): dt, dy
+    wd = d * w
+    mom = wd @ d.t()  # (2, 2): [[stt, sty], [sty, syy]]
+    stt, sty, syy = mom[0, 0], mom[0, 1], mom[1, 1]
+    b = sty / stt.clamp_min(1e-300)
+    cnt = okd.sum()
+    chi2 = (syy - b * sty) / (cnt - 2).clamp_min(1)  # the weighted residual sum of squares, per degree of freedom
     se = inflate * torch.sqrt(chi2.clamp_min(1.0) / stt.clamp_min(1e-300))
     enough = (cnt >= min_points) & (stt > 0)
-    nan = torch.full_like(b, math.nan)
-    b = torch.where(enough, b, nan)
-    se = torch.where(enough, se, nan)
-    t_last = torch.where(ok, ts, torch.full_like(ts, -math.inf)).amax()
+    b = torch.where(enough, b, math.nan)
+    se = torch.where(enough, se, math.nan)
+    tbar, ybar = mean[0, 0], mean[1, 0]
+    t_last = torch.where(ok, ts, -math.inf).amax()
     y_last = ybar + b * (t_last - tbar)
     t_star = tbar - ybar / b
     ahead = enough & (b > 0) & (y_last < 0)
-    return b, se, torch.where(ahead, t_star, torch.full_like(t_star, math.inf))
+    return b, se, torch.where(ahead, t_star, math.inf)

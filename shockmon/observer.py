@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from shockmon import observables as O
+from shockmon._device import to_device
 from shockmon.shards import ParamRows, Reducer
 from shockmon.symmetry import (
     AttentionSpec,
@@ -68,7 +69,7 @@ def _seed_for(name: str, seed: int) -> int:
 
 def _gaussian(shape: tuple[int, ...], name: str, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     g = torch.Generator().manual_seed(_seed_for(name, seed))
-    return (torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(shape[-1])).to(dtype=dtype, device=device)
+    return to_device((torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(shape[-1])).to(dtype), device)
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:

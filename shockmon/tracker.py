@@ -33,6 +33,7 @@ import torch
 from shockmon import _alerts as al
 from shockmon import _particles as pt
 from shockmon import _trajectory as tj
+from shockmon._device import to_device
 from shockmon.events import EventKind, ShockEvent
 
 Tensor = torch.Tensor
@@ -119,7 +120,7 @@ class _Bucket:
     def take(self, keep: list[int]) -> _Bucket:
         """A new bucket holding the members ``keep`` (copies)."""
         nb = _Bucket([self.names[j] for j in keep], self.n, self.D, self.dtype, self.device, self.L)
-        idx = torch.tensor(keep, device=self.device)
+        idx = to_device(torch.tensor(keep), self.device)
         nb.pos = self.pos.index_select(1, idx).clone()
         for f in ("noise_d", "noise_m", "noise_dvar", "noise_pos", "xc", "v"):
             setattr(nb, f, getattr(self, f).index_select(0, idx).clone())
@@ -357,6 +358,7 @@ class BurgersTracker:
         self._feat_default: Tensor | None = None
         self._units_default: Tensor | None = None
         self._rows_fixed: Tensor | None = None
+        self._index_cache: dict[tuple[Any, ...], Tensor] = {}  # see _device_index
         self._t_host: float | None = None  # the current time, while it is known on the host
         self._rate_host: float | None = None
 
@@ -397,6 +399,7 @@ class BurgersTracker:
         if self._traj is not None:
             self._traj = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self._traj.items()}
         self._feat_default = self._units_default = self._rows_fixed = None
+        self._index_cache = {}
         for b in self._buckets:
             b.const = None
 
@@ -468,6 +471,16 @@ class BurgersTracker:
         else:
             self._buckets[bi] = None  # type: ignore[call-overload]
         self._reindex()
+
+    def _device_index(self, key: tuple[Any, ...]) -> Tensor:
+        """``key`` (host ints or bools) as a device tensor, cached by value: built once per pattern with a
+        non-blocking copy (``torch.tensor(..., device=...)`` would synchronise a GPU stream every update)."""
+        t = self._index_cache.get(key)
+        if t is None:
+            if len(self._index_cache) >= 256:
+                self._index_cache.clear()
+            t = self._index_cache[key] = to_device(torch.tensor(key), self._device)
+        return t
 
     def _reindex(self) -> None:
         self._buckets = [b for b in self._buckets if b is not None]
@@ -565,7 +578,11 @@ class BurgersTracker:
         # ---- time
         if self.time == "lr":
             if lr is not None:
-                g["rate"] = torch.as_tensor(lr, dtype=torch.float64).to(dev).reshape(())
+                g["rate"] = (
+                    lr.to(dev, torch.float64).reshape(())
+                    if isinstance(lr, Tensor)
+                    else torch.full((), float(lr), dtype=torch.float64, device=dev)
+                )
                 self._rate_host = float(lr) if isinstance(lr, numbers.Real) else None
             if self._last_step is not None:
                 g["t"] = g["t"] + g["rate"] * float(step - self._last_step)
@@ -577,7 +594,7 @@ class BurgersTracker:
                 self._t_host = 0.0 if self._rate_host is not None else None
         else:
             self._t_host = float(step)
-            g["t"] = torch.tensor(self._t_host, dtype=torch.float64, device=dev)
+            g["t"] = torch.full((), self._t_host, dtype=torch.float64, device=dev)  # a fill: no host->device copy
         t_now = g["t"]
         self._last_step = step
         # ---- group registry (host-side shape checks)
@@ -621,14 +638,15 @@ class BurgersTracker:
                 for nm in names:
                     gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._names.index(nm))
                     subs.append(torch.sort(torch.randperm(n, generator=gen)[:m]).values)
-                b.sub = torch.stack(subs).to(dev)
+                b.sub = to_device(torch.stack(subs), dev)
             self._buckets.append(b)
         self._reindex()
         # ---- per-bucket particle view: one row of features per group (see _FEATURES)
         G = len(self._names)
         f64 = dict(dtype=torch.float64, device=dev)
         if self._feat_default is None or self._feat_default.shape[0] != G:
-            row = torch.tensor([math.inf, math.inf, math.inf, 0.0, 0.0, 0.0, math.nan], **f64)
+            row = torch.tensor([math.inf, math.inf, math.inf, 0.0, 0.0, 0.0, math.nan], dtype=torch.float64)
+            row = to_device(row, dev)
             self._feat_default = row.expand(G, len(row)).contiguous()
             self._units_default = torch.full((G, 2 * self.units), -1, dtype=torch.long, device=dev)
         F = self._feat_default.clone()
@@ -640,7 +658,7 @@ class BurgersTracker:
             feat, units = self._bucket_update(b, [groups[nm] for nm in b.names], t_now)
             gi_host = [self._names.index(nm) for nm in b.names]
             if b.gidx is None or b.gidx.numel() != len(gi_host):
-                b.gidx = torch.tensor(gi_host, device=dev)
+                b.gidx = to_device(torch.tensor(gi_host), dev)
             F.index_copy_(0, b.gidx, feat)
             U.index_copy_(0, b.gidx, units)
             for gi in gi_host:
@@ -655,14 +673,20 @@ class BurgersTracker:
         # ---- Riccati gate on the particle groups' forecast history
         M = self.riccati_window
         rows_h = [gi for gi in range(1, G) if upd_list[gi]]
-        if rows_h:
-            ri = torch.tensor(rows_h, device=dev)
-            si = torch.tensor([self._hist_count[gi] % M for gi in rows_h], device=dev)
-            for gi in rows_h:
-                self._hist_count[gi] += 1
+        slots = {self._hist_count[gi] % M for gi in rows_h}
+        if len(rows_h) == G - 1 and len(slots) == 1:  # every group, one history slot (host-known): a column
+            (c,) = slots
+            g["hist_t"][1:, c] = t_now
+            g["hist_T"][1:, c] = T_all[1:]
+            g["hist_sd"][1:, c] = sdT_all[1:]
+        elif rows_h:
+            ri = self._device_index(tuple(rows_h))
+            si = self._device_index(tuple(self._hist_count[gi] % M for gi in rows_h))
             g["hist_t"][ri, si] = t_now
             g["hist_T"][ri, si] = T_all.index_select(0, ri)
             g["hist_sd"][ri, si] = sdT_all.index_select(0, ri)
+        for gi in rows_h:
+            self._hist_count[gi] += 1
         slope, se = al.forecast_trend(g["hist_t"], g["hist_T"], g["hist_sd"], max(4, M // 2))
         # Burgers: the forecast stays put (slope 0). Receding (slope -> 1): a stationary contraction or a formed
         # viscous shock; advancing fast (slope << 0): an abrupt compression, not yet a ridden characteristic
@@ -685,15 +709,17 @@ class BurgersTracker:
         shock_cond[0] = reached[0]
         rate = g["rate"]
         steps_to = (T_g - t_now) / rate
-        upd = torch.tensor(upd_list, device=dev)
+        all_updated = all(upd_list)
+        upd = None if all_updated else self._device_index(tuple(upd_list))
         warm = step >= self.warmup
-        to_fc, to_sh, to_div = al.step_machine(
-            g, upd, warm, steps_to, shock_cond, nonf_all > 0, self._cfg
-        )
+        to_fc, to_sh, to_div = al.step_machine(g, upd, warm, steps_to, shock_cond, nonf_all > 0, self._cfg)
         pred = step + steps_to
-        g["pred"] = torch.where(upd, pred, g["pred"])
-        g["steps"] = torch.where(upd, steps_to.clamp_min(0), g["steps"])
-        g["nu"] = torch.where(upd, nu_all, g["nu"])
+        if upd is None:  # every group was updated (host-known): no masking
+            g["pred"], g["steps"], g["nu"] = pred, steps_to.clamp_min(0), nu_all
+        else:
+            g["pred"] = torch.where(upd, pred, g["pred"])
+            g["steps"] = torch.where(upd, steps_to.clamp_min(0), g["steps"])
+            g["nu"] = torch.where(upd, nu_all, g["nu"])
         # ---- events: per group a divergence row then a state-machine row
         if self._rows_fixed is None or self._rows_fixed.shape[0] != G:
             gidx = torch.arange(G, **f64)
@@ -769,7 +795,7 @@ class BurgersTracker:
         # ---- least-squares fit over the window
         if b.times_host is not None:
             w, tc_h, var_iid, var_walk = pt.window_fit_weights(b.times_host, filled, b.dtype, dev)
-            tc = torch.tensor(tc_h, dtype=torch.float64, device=dev)
+            tc = torch.full((), tc_h, dtype=torch.float64, device=dev)
             tn: list[Any] = b.times_host
         else:
             ws_t, wm_t, tc, var_iid, var_walk = pt.window_weights(b.times, filled)

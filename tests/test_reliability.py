@@ -8,10 +8,11 @@ Rows already proven elsewhere are named in the README's "Reliability" table (e.g
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.soak import tensor_bytes
 from shockmon import BurgersTracker, Observer, ShockEarlyStopping, ShockMonitor, discover
@@ -398,14 +400,59 @@ def test_reliability_per_step_path_runs_where_the_host_cannot_read_values(case):
     for p in net.parameters():
         p.grad = torch.empty_like(p)
     observer, tracker = Observer(net), BurgersTracker()
-    for step in range(2 * tracker.window + 4):  # past a full window: every stage of the tracker runs
+    steps = 4 * tracker.window  # past full windows: every stage of the tracker runs
+    for step in range(steps + 8):
         read = step % 5 == 0  # a log step: the gradient observables, spectra and raw norms too
-        grads = observer.grad_observables(check_finite=True) if read else {"grads:finite": observer.grads_finite()}
-        values = observer.compute(lr=1e-3, spectra=read, raw=read)
-        tracker.update(step, observer.units(), trajectory=observer.trajectory(values), lr=1e-3)
+        with _host_to_device_copies() as copies:
+            grads = observer.grad_observables(check_finite=True) if read else {"grads:finite": observer.grads_finite()}
+            values = observer.compute(lr=1e-3, spectra=read, raw=read)
+            tracker.update(step, observer.units(), trajectory=observer.trajectory(values), lr=1e-3)
         outputs = [*grads.values(), *values.values(), *tracker.forecast().values(), *tracker.summary().values()]
         assert {t.device.type for t in outputs} == {"meta"}
+        if step >= steps:  # once the first windows' designs are cached: no blocking host->device copy at all
+            assert copies == [], (step, copies)
     assert len(tracker.groups) == len(observer.units()) > 0
+
+
+class _CopyCounter(TorchDispatchMode):
+    def __init__(self, copies: list[str]) -> None:
+        super().__init__()
+        self.copies = copies
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in ("_to_copy", "copy_"):
+            src = args[1] if name == "copy_" else args[0]
+            blocking = not kwargs.get("non_blocking", args[2] if name == "copy_" and len(args) > 2 else False)
+            if blocking and src.device.type == "cpu" and src.dim() > 0 and out.device.type != "cpu":
+                self.copies.append(f"{name} {tuple(src.shape)}")
+        return out
+
+
+@contextlib.contextmanager
+def _host_to_device_copies() -> Iterator[list[str]]:
+    """Blocking host->device copies made inside: each synchronises a GPU stream (the host waits for the queued
+    step), so the per-step path must make none. ``torch.tensor(data, device=...)`` copies below the dispatcher:
+    it is watched by wrapping it (and ``as_tensor``); ``.to(device)`` of a CPU tensor through the dispatcher."""
+    copies: list[str] = []
+    real = {"tensor": torch.tensor, "as_tensor": torch.as_tensor}
+
+    def watched(name: str) -> Callable[..., Tensor]:
+        def make(data: Any, *args: Any, **kwargs: Any) -> Tensor:
+            out = real[name](data, *args, **kwargs)
+            already = isinstance(data, Tensor) and data.device == out.device
+            if out.device.type != "cpu" and not already:
+                copies.append(f"torch.{name} {tuple(out.shape)}")
+            return out
+
+        return make
+
+    with pytest.MonkeyPatch.context() as mp, _CopyCounter(copies):
+        for name in real:
+            mp.setattr(torch, name, watched(name))
+        yield copies
 
 
 def test_reliability_tracker_state_moves_to_the_device_of_its_inputs():
