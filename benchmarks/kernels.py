@@ -8,7 +8,9 @@ device (shapes only, no memory, no arithmetic: a GPT-2-sized model costs nothing
 ``compute(spectra=False, raw=False)``, ``trajectory()``, ``units()`` and ``BurgersTracker.update()`` after it,
 under ``torch.inference_mode()`` -- runs under a ``TorchDispatchMode`` that counts every operator reaching a
 backend. ``kernels`` leaves out what launches nothing (views, reshapes, same-dtype ``to``, allocations);
-``dispatches`` counts everything (the host's per-operator cost). A log step adds the gradient observables, the
+``dispatches`` counts everything (the host's per-operator cost). It cannot see a blocking host-to-device copy
+(``torch.tensor(data, device=...)`` copies below the dispatcher): ``tests/test_reliability.py`` watches those (none
+after warm-up). A log step adds the gradient observables, the
 attention spectra and the raw norms: counted apart.
 
 Models: those of ``benchmarks.overhead`` (tiny MLP, CNN with BatchNorm, TinyGPT 6x256) and its GPT-2-small-sized
@@ -33,11 +35,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks.overhead import cases
 from shockmon import BurgersTracker, Observer
 
-#: operators that launch no kernel: views, reshapes, allocations, a ``to`` that returns its input
+#: operators that launch no kernel: views, reshapes, allocations, a ``to`` that returns its input, and the CPU scalar
+#: an operator wraps a Python number in (``torch.where(c, x, 0.0)``: passed to the kernel by value)
 NO_KERNEL = frozenset(
     "view _unsafe_view _reshape_alias reshape slice select unsqueeze squeeze t transpose permute expand alias "
     "detach detach_ as_strided unbind split split_with_sizes unfold diagonal lift_fresh empty empty_like "
-    "empty_strided to".split()
+    "empty_strided to scalar_tensor".split()
 )
 
 
