@@ -292,7 +292,7 @@ def _small_inv(A: Tensor) -> Tensor:
         c2 = torch.linalg.cross(r0, r1)
         det = (r0 * c0).sum(-1)
         return torch.stack([c0, c1, c2], -1) / det[..., None, None]
-    return torch.linalg.inv(A)
+    return torch.linalg.inv_ex(A).inverse  # inv_ex: no error check (a host sync on a GPU), inf/nan if singular
 
 
 def _sym_min_eig(S: Tensor) -> tuple[Tensor, Tensor]:
@@ -318,8 +318,11 @@ def _sym_min_eig(S: Tensor) -> tuple[Tensor, Tensor]:
         return lam, e
     if D == 3:
         return _sym3_min_eig(S)
-    w, V = torch.linalg.eigh(S)
-    return w[..., 0], V[..., :, 0]
+    # D > 3 (method="jacobian" only): LAPACK's eigh, which checks for failure on the host (a sync on a GPU) and
+    # raises on a non-finite matrix; such matrices are solved as zeros and their eigenvalue reported as nan
+    ok = finite(S).all(-1).all(-1)
+    w, V = torch.linalg.eigh(torch.where(ok[..., None, None], S, 0.0))
+    return torch.where(ok, w[..., 0], math.nan), V[..., :, 0]
 
 
 def _sym3_min_eig(S: Tensor) -> tuple[Tensor, Tensor]:

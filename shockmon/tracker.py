@@ -211,7 +211,8 @@ class BurgersTracker:
             drifting past one another at random do not. ``0``: no such test (nor with fewer than 3 neighbours).
         method: ``"auto"`` (least-squares Jacobian when ``D <= 3`` and ``K >= 2D + 1``, with closed-form
             eigenvalues; pairwise closing times otherwise), ``"jacobian"`` (``torch.linalg.eigh`` beyond ``D =
-            3``) or ``"pairs"`` (every approaching pair measures ``e^T J e`` along its direction; see
+            3``, whose failure check synchronises a GPU's stream at every update) or ``"pairs"`` (every
+            approaching pair measures ``e^T J e`` along its direction; see
             :func:`shockmon._particles.pairs_rates_and_collapse` for why transverse offsets do not matter).
             The Jacobian's smallest eigenvalue is tested against ``z + sqrt(2 (D - 1))`` standard errors (the
             smallest of ``D`` noisy eigenvalues is biased low). In ``D = 9`` (a rescaling layer's units) the

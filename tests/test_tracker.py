@@ -514,6 +514,11 @@ def test_tracker_closed_form_small_linear_algebra_matches_lapack(D):
     assert torch.allclose((S @ e[..., None])[..., 0], lam[:, None] * e, atol=1e-9)
     P = A @ A.transpose(-1, -2) + 0.1 * torch.eye(D, dtype=torch.float64)
     assert torch.allclose(_small_inv(P), torch.linalg.inv(P), atol=1e-8)
+    # a non-finite or singular matrix in the batch is not an exception deep inside torch: nan/inf for that one
+    S[3], P[4] = math.nan, 0.0
+    lam2, _ = _sym_min_eig(S)
+    assert torch.isnan(lam2[3]) and torch.allclose(lam2[:3], lam[:3], atol=1e-10)
+    assert not torch.isfinite(_small_inv(P)[4]).all() and torch.isfinite(_small_inv(P)[:4]).all()
 
 
 def test_tracker_doctests():
