@@ -345,7 +345,11 @@ class Observer:
         alone."""
         if not chains:
             return
-        norms = torch.stack([cp.path_norm_sq for cp in passes]).clamp_min(0).sqrt()
+        sq = [cp.path_norm_sq for cp in passes]
+        if len({(t.device, t.dtype) for t in sq}) == 1:
+            norms = list(torch.stack(sq).clamp_min(0).sqrt().unbind())
+        else:  # a model spread over devices: one by one
+            norms = [t.clamp_min(0).sqrt() for t in sq]
         items = [(ci, k, group.name) for ci, chain in enumerate(chains) for k, group in enumerate(chain.groups())]
         buckets: dict[tuple[Any, ...], list[int]] = {}
         for j, (ci, k, _) in enumerate(items):

@@ -359,7 +359,7 @@ class BurgersTracker:
         self._feat_default: Tensor | None = None
         self._units_default: Tensor | None = None
         self._rows_fixed: Tensor | None = None
-        self._index_cache: dict[tuple[Any, ...], Tensor] = {}  # see _device_index
+        self._index_cache: dict[tuple[torch.dtype, tuple[Any, ...]], Tensor] = {}  # see _device_index
         self._t_host: float | None = None  # the current time, while it is known on the host
         self._rate_host: float | None = None
 
@@ -473,14 +473,16 @@ class BurgersTracker:
             self._buckets[bi] = None  # type: ignore[call-overload]
         self._reindex()
 
-    def _device_index(self, key: tuple[Any, ...]) -> Tensor:
-        """``key`` (host ints or bools) as a device tensor, cached by value: built once per pattern with a
-        non-blocking copy (``torch.tensor(..., device=...)`` would synchronise a GPU stream every update)."""
+    def _device_index(self, values: tuple[int, ...] | tuple[bool, ...], dtype: torch.dtype) -> Tensor:
+        """Host ints (``torch.long``) or bools (``torch.bool``) as a device tensor, cached by value: built once per
+        pattern with a non-blocking copy (``torch.tensor(..., device=...)`` would synchronise a GPU stream every
+        update). The dtype is part of the key: ``(True, False) == (1, 0)`` in Python."""
+        key = (dtype, values)
         t = self._index_cache.get(key)
         if t is None:
             if len(self._index_cache) >= 256:
                 self._index_cache.clear()
-            t = self._index_cache[key] = to_device(torch.tensor(key), self._device)
+            t = self._index_cache[key] = to_device(torch.tensor(values, dtype=dtype), self._device)
         return t
 
     def _reindex(self) -> None:
@@ -681,8 +683,8 @@ class BurgersTracker:
             g["hist_T"][1:, c] = T_all[1:]
             g["hist_sd"][1:, c] = sdT_all[1:]
         elif rows_h:
-            ri = self._device_index(tuple(rows_h))
-            si = self._device_index(tuple(self._hist_count[gi] % M for gi in rows_h))
+            ri = self._device_index(tuple(rows_h), torch.long)
+            si = self._device_index(tuple(self._hist_count[gi] % M for gi in rows_h), torch.long)
             g["hist_t"][ri, si] = t_now
             g["hist_T"][ri, si] = T_all.index_select(0, ri)
             g["hist_sd"][ri, si] = sdT_all.index_select(0, ri)
@@ -711,7 +713,7 @@ class BurgersTracker:
         rate = g["rate"]
         steps_to = (T_g - t_now) / rate
         all_updated = all(upd_list)
-        upd = None if all_updated else self._device_index(tuple(upd_list))
+        upd = None if all_updated else self._device_index(tuple(upd_list), torch.bool)
         warm = step >= self.warmup
         to_fc, to_sh, to_div = al.step_machine(g, upd, warm, steps_to, shock_cond, nonf_all > 0, self._cfg)
         pred = step + steps_to

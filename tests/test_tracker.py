@@ -678,3 +678,27 @@ def test_tracker_drop_frees_a_group_and_a_dropped_name_starts_afresh():
     assert restored.groups == ["a"]
     restored.update(20, {"a": torch.randn(16, 3, generator=g), "b": torch.randn(32, generator=g)})
     assert restored.groups == ["a", "b"] and "forecast/b" in restored.summary()
+
+
+def test_tracker_device_index_cache_keeps_bools_and_ints_apart():
+    # (True, False) == (1, 0) in Python: a cache keyed by the values alone would hand a bool mask to an index
+    tracker = BurgersTracker()
+    tracker.update(0, {"a": torch.randn(8)})
+    mask = tracker._device_index((True, False), torch.bool)
+    idx = tracker._device_index((1, 0), torch.long)
+    assert mask.dtype == torch.bool and idx.dtype == torch.long and idx.tolist() == [1, 0]
+    assert tracker._device_index((1, 0), torch.long) is idx  # cached
+
+
+def test_tracker_groups_updated_on_different_steps_keep_separate_histories():
+    """A group fed every other step has its own forecast-history slots (written through cached device indices):
+    the same stream gives the same forecasts whether or not another group comes and goes beside it."""
+    inputs = _mixed_inputs(80)
+    alone, beside = BurgersTracker(), BurgersTracker()
+    g = torch.Generator().manual_seed(3)
+    for k, (groups, _) in enumerate(inputs):
+        alone.update(k, {"a": groups["a"]})
+        extra = {"z": torch.randn(32, 2, generator=g)} if k % 2 else {}
+        beside.update(k, {"a": groups["a"], **extra})
+        torch.testing.assert_close(beside.forecast()["a"], alone.forecast()["a"])
+    torch.testing.assert_close(beside.state_dict()["g"]["hist_T"][1], alone.state_dict()["g"]["hist_T"][1])
