@@ -504,8 +504,9 @@ class Observer:
         Args:
             lr: the current learning rate, for ``dynamics/.../effective_lr`` (omitted when None).
             spectra: also compute the attention singular-value spectra (``singular_values/sorted``, ``top_singular``:
-                small batched eigenproblems, about a sixth of the cost). A per-step caller that logs only every few
-                steps passes ``spectra=False`` between log steps; every other key is always present.
+                small batched eigenproblems, about a sixth of the cost; on a GPU ``torch.linalg.eigvalsh`` checks
+                for failure on the host, a sync). A per-step caller that logs only every few steps passes
+                ``spectra=False`` between log steps; every other key is always present.
             raw: also the ``raw/<parameter>`` norms (a read of every parameter, which nothing else needs: no
                 trajectory or unit coordinate uses them). A per-step caller passes ``raw=False`` between log steps;
                 the raw values that the families give for free (``raw/<layer>/balancedness``, ``raw/<module>/q``...)
