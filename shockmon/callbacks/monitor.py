@@ -692,7 +692,9 @@ class ShockMonitor(Callback):
             assert self.overhead_warning is not None
             advice = overhead_advice(
                 self._cost_hooks, now - self._cost_start, COST_STEPS, self.every_n_steps, self.overhead_warning,
-                self.window, read_s=self._cost_read, log_every=self._log_every,
+                # the tracker's own window: a checkpoint's, when resumed with another (see load_state_dict)
+                self._tracker.window if self._tracker is not None else self.window,
+                read_s=self._cost_read, log_every=self._log_every,
             )
             if advice is not None:
                 rank_zero_warn(advice)
