@@ -18,6 +18,7 @@ Example (path masses of a two-layer ReLU net are invariant under per-unit rescal
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,14 @@ __all__ = [
 ]
 
 _TINY = 1e-30
+
+
+@functools.lru_cache(maxsize=256)
+def _const(shape: tuple[int, ...], value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A constant tensor, made once per shape, value, dtype and device: the chain passes concatenate ones and zeros
+    into their vectors at every step, and each fresh ``torch.ones`` is a kernel launch on a GPU. Shared: read only
+    (every use here goes into ``torch.cat`` or a product)."""
+    return torch.full(shape, value, dtype=dtype, device=device)
 
 
 @torch.no_grad()
@@ -318,8 +327,7 @@ def chain_rounds(
         r0, r1, _ = spans[k]
         y = x[:, r0:r1] * sq[k] if kinds[k] == "diag" else x @ sq[k].t()
         if sqb[k] is not None:
-            pad = torch.zeros(c - 2, y.shape[1], dtype=dtype, device=device)
-            y = y + torch.cat([sqb[k][None], sqb[k][None], pad])
+            y[:2] += sqb[k]  # y is this product's own: the bias paths of rows 0 and 1, in place
         return y
 
     def signed_first() -> torch.Tensor:
@@ -344,11 +352,11 @@ def chain_rounds(
         return torch.einsum("onr,orq->qn", wv, pv)
 
     def start_backward(e: torch.Tensor) -> torch.Tensor:
-        return torch.cat([e[None], torch.ones_like(e)[None], (e[:, None] * p_sq_out).t()])
+        return torch.cat([e[None], _const((1, e.shape[0]), 1.0, e.dtype, e.device), (e[:, None] * p_sq_out).t()])
 
     need_fwd_m = end_norm != "none"
     n_fwd = m + 1 if need_fwd_m else m
-    x = torch.cat([torch.ones(2, d0, dtype=dtype, device=device), p_sq_in.t()])
+    x = torch.cat([_const((2, d0), 1.0, dtype, device), p_sq_in.t()])
     fwd: list[torch.Tensor] = []
     bwd: dict[int, torch.Tensor] = {}
     first = last = bias_paths = None
@@ -356,7 +364,7 @@ def chain_rounds(
     z: torch.Tensor | None = None
     bk = 0
     if not need_fwd_m:
-        e = torch.ones(spans[m][2], dtype=dtype, device=device)
+        e = _const((spans[m][2],), 1.0, dtype, device)
         z, bk = start_backward(e), m
     while len(fwd) < n_fwd or bk >= 1:
         parts: Partials = []
@@ -390,7 +398,7 @@ def chain_rounds(
                 if k == 0:
                     t, first = t[:c], t[c:]
                 fwd.append(t)
-                x = torch.cat([t[:1], torch.ones_like(t[:1]), t[2:c]])
+                x = torch.cat([t[:1], _const(tuple(t[:1].shape), 1.0, t.dtype, t.device), t[2:c]])
                 if len(fwd) == n_fwd and need_fwd_m:
                     h = fwd[m][0]
                     e = _end_weights(h, h - fwd[m][c], end_norm, end_groups)
@@ -401,7 +409,7 @@ def chain_rounds(
                 if bk == m:
                     t, last = t[:c], t[c:]
                 bwd[bk] = t
-                z = torch.cat([t[:1], torch.ones_like(t[:1]), t[2:]])
+                z = torch.cat([t[:1], _const(tuple(t[:1].shape), 1.0, t.dtype, t.device), t[2:]])
                 bk -= 1
     assert e is not None and first is not None and last is not None and bias_paths is not None
     masses = [fwd[k][0] * bwd[k + 1][0] for k in range(m)]
