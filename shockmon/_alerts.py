@@ -125,6 +125,6 @@ def write_events(buf: Tensor, counter: Tensor, rows: Tensor, flags: Tensor) -> N
     cap = buf.shape[0] - 1
     f = flags.long()
     pos = counter + torch.cumsum(f, 0) - 1
-    dest = torch.where(flags, torch.remainder(pos, cap), torch.full_like(pos, cap))
+    dest = torch.where(flags, torch.remainder(pos, cap), cap)
     buf.index_copy_(0, dest, rows.to(buf.dtype))
     counter.add_(f.sum())

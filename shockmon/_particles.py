@@ -64,7 +64,7 @@ def window_weights(times: Tensor, filled: int) -> tuple[Tensor, Tensor, Tensor, 
     L = times.shape[0]
     valid = torch.arange(L, device=times.device) < filled
     m = valid.to(times.dtype)
-    t = torch.where(valid, times, torch.zeros_like(times))
+    t = torch.where(valid, times, 0.0)
     cnt = float(min(filled, L))
     tbar = (m * t).sum() / cnt
     dt = (t - tbar) * m
@@ -72,12 +72,12 @@ def window_weights(times: Tensor, filled: int) -> tuple[Tensor, Tensor, Tensor, 
     w_slope = dt / stt
     w_mean = m / cnt
     # chronological order for the random-walk factor (invalid slots sort last and carry zero weight)
-    order = torch.argsort(torch.where(valid, times, torch.full_like(times, math.inf)))
+    order = torch.argsort(torch.where(valid, times, math.inf))
     ts = times[order]
     ws = w_slope[order]
     c = torch.flip(torch.cumsum(torch.flip(ws, [0]), 0), [0])  # c_j = sum_{k >= j} w_k
     vs = valid[order]
-    gaps = torch.where(vs[1:], ts[1:] - ts[:-1], torch.zeros_like(ts[1:]))
+    gaps = torch.where(vs[1:], ts[1:] - ts[:-1], 0.0)
     var_walk = (gaps * c[1:] ** 2).sum()
     var_iid = 1.0 / stt
     return w_slope, w_mean, tbar, var_iid, var_walk
@@ -574,12 +574,12 @@ def reduce_group(
     tiny = torch.finfo(lam.dtype).tiny
     sig = valid & (lam + z * se < 0) & finite(lam)
     tau = torch.where(
-        sig, -1.0 / torch.where(sig, lam, -torch.ones_like(lam)), torch.full_like(lam, math.inf)
+        sig, -1.0 / torch.where(sig, lam, -1.0), math.inf
     )
     n_sig = sig.sum(1)
-    zscore = torch.where(sig, -lam / se.clamp_min(tiny), torch.zeros_like(lam))
+    zscore = torch.where(sig, -lam / se.clamp_min(tiny), 0.0)
     strength = zscore.amax(1)
-    score = torch.where(sig, -lam, torch.full_like(lam, -math.inf))
+    score = torch.where(sig, -lam, -math.inf)
     B, n = lam.shape
     k = min(max(k_units, rank, collective), n)
     if quantile is None:
@@ -597,14 +597,14 @@ def reduce_group(
     kc = min(collective, n)
     # the top-k is ordered by -lambda, which orders tau = -1/lambda the same way among significant particles
     tau_c = tau.gather(1, top.indices[:, kc - 1 : kc])[:, 0]
-    tau_c = torch.where(n_sig >= collective, tau_c, torch.full_like(tau_c, math.inf))
+    tau_c = torch.where(n_sig >= collective, tau_c, math.inf)
     # uncertainty of the group's forecast: delta method on tau = -1/lambda of the chosen particle
     sd_tau = torch.where(
-        finite(tau_g), (tau_g**2) * se.gather(1, pick)[:, 0], torch.full_like(tau_g, math.inf)
+        finite(tau_g), (tau_g**2) * se.gather(1, pick)[:, 0], math.inf
     )
     ku = min(k_units, k)
     units = torch.where(
-        finite(top.values[:, :ku]), top.indices[:, :ku], torch.full_like(top.indices[:, :ku], -1)
+        finite(top.values[:, :ku]), top.indices[:, :ku], -1
     )
     if ku < k_units:
         pad = torch.full((B, k_units - ku), -1, dtype=units.dtype, device=units.device)

@@ -33,7 +33,7 @@ def quadratic_weights(times: Tensor, filled: int) -> tuple[Tensor, Tensor, Tenso
     L = times.shape[0]
     valid = torch.arange(L, device=times.device) < filled
     m = valid.to(times.dtype)
-    t = torch.where(valid, times, torch.zeros_like(times))
+    t = torch.where(valid, times, 0.0)
     tbar = (m * t).sum() / float(min(filled, L))
     u = (t - tbar) * m
     X = torch.stack([m, u, u * u], 1)  # (L, 3)
@@ -94,7 +94,7 @@ def path_rate(
     else:
         W, tbar, var_b = quadratic_weights(times, filled)
         valid = torch.arange(L, device=ring.device) < filled
-        u = torch.where(valid, times - tbar, torch.zeros_like(times))
+        u = torch.where(valid, times - tbar, 0.0)
         X = torch.stack([valid.to(u.dtype), u, u * u], 1).to(ring.dtype)
         W = W.to(ring.dtype)
     coef = W @ ring  # (3, P)
@@ -110,8 +110,7 @@ def path_rate(
     w22 = (Wd[2] * Wd[2]).sum()  # variance factor of the quadratic coefficient
     ok = vb > (z * z) * (rvf * var_b) * P
     var_s = (4.0 * rvf.double() * w22) / vb.double().clamp_min(1e-300)
-    nan = torch.full_like(s, math.nan)
-    return torch.where(ok, s, nan), torch.where(ok, var_s.to(s.dtype), nan), tbar
+    return torch.where(ok, s, math.nan), torch.where(ok, var_s.to(s.dtype), math.nan), tbar
 
 
 def riccati_fit(

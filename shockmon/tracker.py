@@ -697,13 +697,12 @@ class BurgersTracker:
         # the forecast stops steepening *when the crossing is due within the forecasts' own span*: a viscous
         # shock forming; a receding forecast further out was not a coming crossing (it just disarms)
         hist_ok = pt.finite(g["hist_t"])
-        span = t_now - torch.where(hist_ok, g["hist_t"], torch.full_like(g["hist_t"], math.inf)).amin(1)
+        span = t_now - torch.where(hist_ok, g["hist_t"], math.inf).amin(1)
         plateau = (slope - self._Z_PLATEAU * se > 0.5) & (traw_all <= span)
         if trajectory is not None:
             consistent[0] = (traj_cons > 0.5) & (traj_cons < 2.0) & pt.finite(T_all[0])
             plateau[0] = False
-        inf_g = torch.full_like(T_all, math.inf)
-        T_g = torch.where(consistent, T_all, inf_g)
+        T_g = torch.where(consistent, T_all, math.inf)
         armed = g["state"] == al.IMMINENT
         reached = consistent & (T_all <= t_now) & armed  # a forecast that was never issued is not "reached"
         # every shock follows its own forecast: a crossing or viscous collapse that was never forecast is, on
@@ -864,7 +863,7 @@ class BurgersTracker:
         tau = tau.double()
         if n_coll > rank:  # not a collective crossing within the horizon: no forecast
             due = (tau_c.double() - dt_now) <= self.horizon * self._g["rate"]
-            tau = torch.where(due, tau, torch.full_like(tau, math.inf))
+            tau = torch.where(due, tau, math.inf)
         return pack(
             tc + tau,
             sd_tau.double(),
@@ -926,7 +925,7 @@ class BurgersTracker:
         B, n = score.shape
         k = min(self.units, n)
         top = torch.topk(score, k, dim=1)
-        u = torch.where(top.values > 0, top.indices, torch.full_like(top.indices, -1))
+        u = torch.where(top.values > 0, top.indices, -1)
         if k < self.units:
             u = torch.cat([u, torch.full((B, self.units - k), -1, dtype=u.dtype, device=u.device)], 1)
         return u
