@@ -424,6 +424,7 @@ class ShockMonitor(Callback):
         self._last_metrics: dict[str, float] = {}
         self._particles: dict[str, Tensor] = {}  # the latest observation's per-unit coordinates (device)
         self._param_signature: ParamSignature = ()
+        self._followed_step = -1  # the optimizer step whose parameters were last checked (before it stepped)
         self._nonfinite_grads: Tensor | None = None  # device count of observed steps with non-finite gradients
         self._nonfinite_grads_base = 0  # the count restored from a checkpoint
         self._nonfinite_grads_read = 0  # base + the device count, at the last read
@@ -639,6 +640,7 @@ class ShockMonitor(Callback):
         if (trainer.global_step + 1) % self.every_n_steps != 0:
             return
         self._follow_parameters(trainer, pl_module)
+        self._followed_step = trainer.global_step + 1
         with torch.inference_mode():  # see _observe
             if self._read_due(trainer, trainer.global_step + 1):  # only a read needs the gradient observables
                 self._pending_grads.update(self._observer.grad_observables(check_finite=True))
@@ -671,7 +673,8 @@ class ShockMonitor(Callback):
                 self._timed_read(trainer, pl_module, self._values_step)  # the latest, at its own step
             return True
         log_step = self._log_every > 0 and step % self._log_every == 0
-        self._follow_parameters(trainer, pl_module)
+        if self._followed_step != step:  # checked before this step's optimizer step already: once a step is enough
+            self._follow_parameters(trainer, pl_module)  # (a walk of every parameter: 0.18 ms for 149 of them)
         self._observe(trainer, step, full=self._read_due(trainer, step))
         if log_step:
             self._timed_read(trainer, pl_module, step)
