@@ -172,10 +172,10 @@ def balance_scales(
 
 @torch.no_grad()
 def participation_ratio(x: torch.Tensor) -> torch.Tensor:
-    """``(Σx)² / (n Σx²)`` of non-negative values: 1 when all equal, ``1/n`` when one dominates (a fraction of
-    units)."""
-    s = x.sum()
-    return s * s / (x.numel() * x.square().sum()).clamp_min(_TINY)
+    """``(Σx)² / (n Σx²)`` of non-negative values along the last dimension (batched over the others): 1 when all
+    equal, ``1/n`` when one dominates (a fraction of units)."""
+    s = x.sum(-1)
+    return s * s / (x.shape[-1] * x.square().sum(-1)).clamp_min(_TINY)
 
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:

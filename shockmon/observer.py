@@ -76,6 +76,20 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / O.row_norms(x).clamp_min(_TINY)
 
 
+def _stacked_by_shape(items: list[tuple[torch.Tensor, ...]]) -> list[tuple[list[int], list[torch.Tensor]]]:
+    """Items (tuples of tensors, one per layer) grouped by their tensors' shapes, dtypes and devices: per group the
+    items' indices and, for each tuple position, their tensors stacked along a new first dimension. The observer
+    finishes each group's layers with one set of batched kernels (layers of a model spread over devices, or of
+    other shapes, fall into groups of their own)."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, parts in enumerate(items):
+        groups.setdefault(tuple((t.shape, t.dtype, t.device) for t in parts), []).append(i)
+    return [
+        (idx, [torch.stack([items[i][p] for i in idx]) for p in range(len(items[idx[0]]))])
+        for idx in groups.values()
+    ]
+
+
 def _nan(like: torch.Tensor) -> torch.Tensor:
     return torch.full((), math.nan, dtype=like.dtype, device=like.device)
 
@@ -345,25 +359,15 @@ class Observer:
         alone."""
         if not chains:
             return
-        sq = [cp.path_norm_sq for cp in passes]
-        if len({(t.device, t.dtype) for t in sq}) == 1:
-            norms = list(torch.stack(sq).clamp_min(0).sqrt().unbind())
-        else:  # a model spread over devices: one by one
-            norms = [t.clamp_min(0).sqrt() for t in sq]
+        norms: dict[int, torch.Tensor] = {}
+        for idx, (sq,) in _stacked_by_shape([(cp.path_norm_sq,) for cp in passes]):
+            norms.update(zip(idx, sq.clamp_min(0).sqrt().unbind()))
         items = [(ci, k, group.name) for ci, chain in enumerate(chains) for k, group in enumerate(chain.groups())]
-        buckets: dict[tuple[Any, ...], list[int]] = {}
-        for j, (ci, k, _) in enumerate(items):
-            cp = passes[ci]
-            parts = (cp.masses[k], cp.raw_in[k], cp.raw_out[k], cp.in_dirs[k], cp.out_dirs[k])
-            buckets.setdefault(tuple((t.shape, t.dtype, t.device) for t in parts), []).append(j)
+        fields = ("masses", "raw_in", "raw_out", "in_dirs", "out_dirs")
+        parts = [tuple(getattr(passes[ci], f)[k] for f in fields) for ci, k, _ in items]
         done: dict[int, dict[str, torch.Tensor]] = {}
-        for idx in buckets.values():
-            sel = [items[j] for j in idx]
-            stacked = [
-                torch.stack([getattr(passes[ci], f)[k] for ci, k, _ in sel])
-                for f in ("masses", "raw_in", "raw_out", "in_dirs", "out_dirs")
-            ]
-            done.update(zip(idx, self._rescale_values([g for _, _, g in sel], *stacked)))
+        for idx, stacked in _stacked_by_shape(parts):
+            done.update(zip(idx, self._rescale_values([items[j][2] for j in idx], *stacked)))
         j = 0
         for ci, (chain, cp) in enumerate(zip(chains, passes)):
             out[f"quotient/rescale/{chain.name}/path_norm"] = norms[ci]
@@ -384,7 +388,7 @@ class Observer:
         A, n = pi.shape
         srt = pi.sort(-1).values
         total = srt.sum(-1)
-        participation = total * total / (n * srt.square().sum(-1)).clamp_min(_TINY)
+        participation = O.participation_ratio(srt)
         bal = raw_in - raw_out  # raw-side: balancedness of the raw parameters
         bal_norm = torch.linalg.vector_norm(bal, dim=-1)
         prev = [self._balancedness.get(g) for g in names]
@@ -424,14 +428,9 @@ class Observer:
         of a Transformer) are finished together, stacked: one set of batched kernels for all of them instead of
         one per module (a 12-block model: ~50 kernels instead of ~640 per step, what a GPU pays for in launches).
         Values come out per module as views, in module order, as if each were finished alone."""
-        buckets: dict[tuple[Any, ...], list[int]] = {}
-        for i, g in enumerate(grams):
-            buckets.setdefault(tuple((t.shape, t.dtype, t.device) for t in g), []).append(i)
         done: dict[int, dict[str, torch.Tensor]] = {}
-        for idx in buckets.values():
-            stacked = [torch.stack([grams[i][j] for i in idx]) for j in range(4)]
-            for i, vals in zip(idx, self._attention_values(stacked, spectra)):
-                done[i] = vals
+        for idx, stacked in _stacked_by_shape(grams):
+            done.update(zip(idx, self._attention_values(stacked, spectra)))
         for i, spec in enumerate(specs):
             vals = done[i]
             self._units[f"attention/{spec.name}"] = vals.pop("units")
