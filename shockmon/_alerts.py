@@ -15,7 +15,7 @@ from shockmon._particles import finite
 Tensor = torch.Tensor
 
 PRE, IMMINENT, IN_SHOCK = 0, 1, 2
-KIND_FORECAST, KIND_SHOCK, KIND_DIVERGENCE = 0, 1, 2
+KIND_FORECAST, KIND_SHOCK, KIND_DIVERGENCE, KIND_INSTABILITY = 0, 1, 2, 3
 #: event row layout: step, group, kind, predicted step, strength, then the unit indices
 ROW_FIXED = 5
 
@@ -58,6 +58,38 @@ def forecast_trend(ts: Tensor, Ts: Tensor, sds: Tensor, min_points: int) -> tupl
     se = torch.maximum(se, 1.5 * rms / span)
     enough = (cnt >= min_points) & (stt > 0)
     return torch.where(enough, b, math.nan), torch.where(enough, se, math.nan)
+
+
+def growth_test(ring: Tensor, t: Tensor, z: float, log_factor: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Exponential growth of each group's step length: ``(rate, strength, grows)``.
+
+    Args:
+        ring: ``(G, m)`` float64 log step lengths, oldest first (``nan`` until filled, or where not measured);
+            the test fits the last ``k = len(t)`` and needs the whole ring filled: growth is measured against a
+            settled history (the first updates of a run ramp up: momentum, Adam's early steps).
+        t: ``(k,)`` float64 update offsets about their mean (``arange(k) - (k - 1) / 2``).
+        z: one-sided critical value for the slope's t-statistic.
+        log_factor: the log of the growth factor the fitted line must rise by across the ``k`` updates.
+
+    A least-squares line through the last ``k`` log step lengths: its slope is the growth rate per update. It
+    is *significant* when it is ``z`` standard errors above zero (residual scatter about the line) and the line
+    rises by at least ``log_factor`` over the window. A run-away oscillation grows like this, smoothly and
+    exponentially; the step lengths of ordinary training wander up and down about a level or drift slowly.
+
+    Returns:
+        ``(rate, strength, grows)``: the slope (``nan`` until the last ``k`` are there), its t-statistic where
+        significant (0 elsewhere, capped at 1e6) and the significance mask.
+    """
+    k = t.shape[0]
+    last = ring[:, -k:]
+    stt = k * (k * k - 1) / 12.0  # sum of t^2 for the centred offsets, on the host
+    rate = (last * t).sum(1) / stt
+    res = last - last.mean(1, keepdim=True) - rate[:, None] * t
+    se = torch.sqrt((res * res).sum(1) / ((k - 2) * stt))
+    tstat = rate / se.clamp_min(1e-300)
+    settled = finite(ring[:, 0])
+    grows = (tstat > z) & (rate * (k - 1) > log_factor) & settled  # nan compares False
+    return rate, torch.where(grows, tstat.clamp_max(1e6), 0.0), grows
 
 
 def step_machine(

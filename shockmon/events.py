@@ -17,12 +17,15 @@ class EventKind(str, enum.Enum):
 
     ``FORECAST``: a shock is predicted within the tracker's horizon. ``SHOCK``: characteristics crossed (or collapsed
     below the viscous width): the shock happened. ``DIVERGENCE``: the input was non-finite (NaN/Inf), an event, never
-    an exception.
+    an exception. ``INSTABILITY``: a group's particles move exponentially faster update after update -- a linear
+    instability (an oscillation past the edge of stability) running away, the precursor of a loss spike; it
+    carries no forecast step.
     """
 
     FORECAST = "forecast"
     SHOCK = "shock"
     DIVERGENCE = "divergence"
+    INSTABILITY = "instability"
 
     def __str__(self) -> str:
         return self.value

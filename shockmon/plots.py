@@ -71,8 +71,9 @@ def coordinate_label(group: str) -> str:
 
 
 def _mark_events(ax: Any, events: Sequence[ShockEvent], lo: float, hi: float) -> list[Any]:
-    """Shocks as red lines, divergences as black dotted lines, forecasts as a triangle at the step they fired
-    and an orange dashed line at the step they predicted. Returns legend handles."""
+    """Shocks as red lines, divergences as black dotted lines, instabilities as a purple down-triangle,
+    forecasts as a triangle at the step they fired and an orange dashed line at the step they predicted. Returns
+    legend handles."""
     from matplotlib.lines import Line2D
 
     handles: dict[str, Any] = {}
@@ -84,6 +85,20 @@ def _mark_events(ax: Any, events: Sequence[ShockEvent], lo: float, hi: float) ->
         elif e.kind is EventKind.DIVERGENCE:
             ax.axvline(e.step, color="black", lw=1.5, ls=":", zorder=3)
             handles["divergence"] = Line2D([], [], color="black", lw=1.5, ls=":", label="divergence")
+        elif e.kind is EventKind.INSTABILITY:
+            ax.plot(
+                [e.step],
+                [0.03],
+                marker="v",
+                color="tab:purple",
+                ms=9,
+                transform=ax.get_xaxis_transform(),
+                clip_on=False,
+                zorder=4,
+            )
+            handles["instability"] = Line2D(
+                [], [], color="tab:purple", marker="v", ls="", ms=9, label="instability"
+            )
         elif e.kind is EventKind.FORECAST:
             ax.plot(
                 [e.step],

@@ -42,11 +42,12 @@ __all__ = ["BurgersTracker"]
 
 TRAJECTORY = "trajectory"
 #: per-group features passed from the views to the alert logic, in this column order
-_FEATURES = ("T", "sd_T", "tau", "strength", "collapse", "nonfinite", "nu")
+_FEATURES = ("T", "sd_T", "tau", "strength", "collapse", "nonfinite", "nu", "step_sq")
 _KINDS = {
     al.KIND_FORECAST: EventKind.FORECAST,
     al.KIND_SHOCK: EventKind.SHOCK,
     al.KIND_DIVERGENCE: EventKind.DIVERGENCE,
+    al.KIND_INSTABILITY: EventKind.INSTABILITY,
 }
 _METHODS = ("auto", "jacobian", "pairs")
 #: the device tensors of a bucket's state
@@ -68,11 +69,16 @@ _TIMES = ("step", "lr")
 #: settings the layout of a saved state depends on (ring and history lengths, the time axis, the particle
 #: subsample, the event rows): a state is always resumed with the values it was saved with
 _LAYOUT_SETTINGS = (
-    "window", "riccati_window", "trajectory_window", "time", "max_particles", "seed", "units", "capacity"
+    "window", "riccati_window", "trajectory_window", "growth_window", "time", "max_particles", "seed", "units",
+    "capacity"
 )
 #: settings added after states were first saved, with the value that reproduces how such a state was made
-_LEGACY_SETTINGS = {"trajectory_alerts": True, "collective": 0.0, "coherence": 0.0}
+_LEGACY_SETTINGS = {"trajectory_alerts": True, "collective": 0.0, "coherence": 0.0, "growth": 0.0}
 _SETTINGS_FROM = ("saved", "current")
+#: the growth test looks at a group only after this many of its windows of updates (a settled history)
+_GROWTH_HISTORY = 3
+#: particles per group the step length is measured on (a median: 128 estimate it to a few percent)
+_GROWTH_SAMPLE = 128
 
 
 def _int_arg(name: str, value: Any, low: int) -> int:
@@ -232,6 +238,15 @@ class BurgersTracker:
             its forecast and state are still computed and logged, but on the detection benchmark's runs its
             Riccati-consistent "blow-ups" marked the ends of fast phases (a path decelerating to a stop),
             never a scored transition (``benchmarks/detection``). Divergence events are always raised.
+        growth: an ``instability`` event fires when a particle group's median step length (the distance its
+            median particle moved since the previous update) grows exponentially: the least-squares line through
+            the log step lengths of the last ``growth_window`` updates rises by at least this factor and its
+            slope is significant at level ``alpha`` (one test per group and update). A run-away oscillation --
+            a direction past its edge of stability, the mechanism of catapults and Adam's loss spikes -- grows
+            like this for several updates before the loss does much; ordinary training's step lengths wander
+            or drift slowly. The event fires when the growth starts being significant (once per episode), with
+            the fastest-moving particles as its units, and carries no forecast step. ``0``: off.
+        growth_window: updates in the growth test's fit, ``>= 4``.
         max_particles: larger groups are tracked on a fixed random subsample of this size.
         knn_every: in D > 1, each particle's neighbour list is recomputed (exactly) every this many updates; a
             slice of ``n / knn_every`` lists per group is refreshed at each update, so the cost is steady.
@@ -284,6 +299,8 @@ class BurgersTracker:
         riccati_window: int | None = None,
         trajectory_window: int | None = None,
         trajectory_alerts: bool = False,
+        growth: float = 3.0,
+        growth_window: int = 8,
         max_particles: int = 4096,
         knn_every: int = 64,
         units: int = 8,
@@ -327,6 +344,11 @@ class BurgersTracker:
                 f"Expected argument `trajectory_alerts` to be a bool, but got {trajectory_alerts!r}"
             )
         self.trajectory_alerts = trajectory_alerts
+        ok = isinstance(growth, numbers.Real) and not isinstance(growth, bool) and math.isfinite(growth)
+        if not ok or not (growth == 0 or growth > 1):
+            raise ValueError(f"Expected argument `growth` to be 0 (off) or a finite number > 1, but got {growth!r}")
+        self.growth = float(growth)
+        self.growth_window = _int_arg("growth_window", growth_window, 4)
         self.max_particles = _int_arg("max_particles", max_particles, max(self.neighbors + 1, 3))
         self.knn_every = _int_arg("knn_every", knn_every, 1)
         self.units = _int_arg("units", units, 0)
@@ -359,8 +381,10 @@ class BurgersTracker:
         self._feat_default: Tensor | None = None
         self._units_default: Tensor | None = None
         self._rows_fixed: Tensor | None = None
+        self._grow_t: Tensor | None = None  # the growth test's centred update offsets, on device
         self._index_cache: dict[tuple[torch.dtype, tuple[Any, ...]], Tensor] = {}  # see _device_index
         self._t_host: float | None = None  # the current time, while it is known on the host
+        self._growth_log_lr: float | Tensor = 0.0  # log of the last learning rate given (growth test)
         self._rate_host: float | None = None
 
     def _init_device(self, device: torch.device) -> None:
@@ -386,6 +410,10 @@ class BurgersTracker:
             "t": torch.zeros((), **f64),
             "rate": torch.ones((), **f64),
             "consistency": torch.full((), math.nan, **f64),
+            # log step lengths per unit learning rate, oldest first: the test's window and the history before it
+            "grow": torch.full((G, _GROWTH_HISTORY * self.growth_window), math.nan, **f64),
+            "grow_on": torch.zeros(G, dtype=torch.bool, device=device),
+            "grate": torch.full((G,), math.nan, **f64),  # growth rate of the step length per update
         }
 
     def _move(self, device: torch.device) -> None:
@@ -399,7 +427,9 @@ class BurgersTracker:
                 setattr(b, f, None if val is None else val.to(device))
         if self._traj is not None:
             self._traj = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self._traj.items()}
-        self._feat_default = self._units_default = self._rows_fixed = None
+        if isinstance(self._growth_log_lr, Tensor):
+            self._growth_log_lr = self._growth_log_lr.to(device)
+        self._feat_default = self._units_default = self._rows_fixed = self._grow_t = None
         self._index_cache = {}
         for b in self._buckets:
             b.const = None
@@ -415,6 +445,9 @@ class BurgersTracker:
         g["pred"] = torch.cat([g["pred"], torch.full_like(g["pred"][:1], math.inf)])
         g["steps"] = torch.cat([g["steps"], torch.full_like(g["steps"][:1], math.inf)])
         g["nu"] = torch.cat([g["nu"], torch.full_like(g["nu"][:1], math.nan)])
+        g["grow"] = torch.cat([g["grow"], torch.full_like(g["grow"][:1], math.nan)])
+        g["grow_on"] = torch.cat([g["grow_on"], torch.zeros_like(g["grow_on"][:1])])
+        g["grate"] = torch.cat([g["grate"], torch.full_like(g["grate"][:1], math.nan)])
 
     def _restart_group(self, name: str) -> None:
         """Clear the history and alert state of one group (its size changed)."""
@@ -428,6 +461,9 @@ class BurgersTracker:
         g["hist_T"][gi] = math.nan
         g["hist_sd"][gi] = math.nan
         g["pred"][gi] = math.inf
+        g["grow"][gi] = math.nan
+        g["grow_on"][gi] = False
+        g["grate"][gi] = math.nan
         g["steps"][gi] = math.inf
         g["nu"][gi] = math.nan
 
@@ -648,10 +684,10 @@ class BurgersTracker:
         G = len(self._names)
         f64 = dict(dtype=torch.float64, device=dev)
         if self._feat_default is None or self._feat_default.shape[0] != G:
-            row = torch.tensor([math.inf, math.inf, math.inf, 0.0, 0.0, 0.0, math.nan], dtype=torch.float64)
+            row = torch.tensor([math.inf, math.inf, math.inf, 0.0, 0.0, 0.0, math.nan, math.nan], dtype=torch.float64)
             row = to_device(row, dev)
             self._feat_default = row.expand(G, len(row)).contiguous()
-            self._units_default = torch.full((G, 2 * self.units), -1, dtype=torch.long, device=dev)
+            self._units_default = torch.full((G, 3 * self.units), -1, dtype=torch.long, device=dev)
         F = self._feat_default.clone()
         U = self._units_default.clone()
         upd_list = [False] * G
@@ -672,7 +708,7 @@ class BurgersTracker:
             feat0, traj_cons = self._traj_update(trajectory, t_now)
             F[0] = feat0
             g["consistency"] = traj_cons
-        T_all, sdT_all, traw_all, str_all, coll_all, nonf_all, nu_all = F.unbind(1)
+        T_all, sdT_all, traw_all, str_all, coll_all, nonf_all, nu_all, stepsq_all = F.unbind(1)
         # ---- Riccati gate on the particle groups' forecast history
         M = self.riccati_window
         rows_h = [gi for gi in range(1, G) if upd_list[gi]]
@@ -722,7 +758,29 @@ class BurgersTracker:
             g["pred"] = torch.where(upd, pred, g["pred"])
             g["steps"] = torch.where(upd, steps_to.clamp_min(0), g["steps"])
             g["nu"] = torch.where(upd, nu_all, g["nu"])
-        # ---- events: per group a divergence row then a state-machine row
+        # ---- growth of the step length (the instability test), particle groups only
+        if self.growth > 0:
+            # log step length per unit learning rate: a warm-up or a schedule changes the step length, not the
+            # dynamics' speed
+            lstep_all = 0.5 * torch.log(stepsq_all) - self._log_lr(lr, dev)
+            grow_new = torch.cat([g["grow"][:, 1:], lstep_all[:, None]], 1)
+            if self._grow_t is None:
+                k = self.growth_window
+                self._grow_t = torch.arange(k, dtype=torch.float64, device=dev) - (k - 1) / 2.0
+            grate, gstrength, grows = al.growth_test(
+                grow_new, self._grow_t, pt.bonferroni_z(self.alpha, 1), math.log(self.growth)
+            )
+            if not warm:  # the warm-up gate (host-known)
+                grows = torch.zeros_like(grows)
+            to_grow = grows & ~g["grow_on"]
+            if upd is None:
+                g["grow"], g["grate"], g["grow_on"] = grow_new, grate, grows
+            else:
+                g["grow"] = torch.where(upd[:, None], grow_new, g["grow"])
+                g["grate"] = torch.where(upd, grate, g["grate"])
+                g["grow_on"] = torch.where(upd, grows, g["grow_on"])
+                to_grow = to_grow & upd
+        # ---- events: per group a divergence row, a state-machine row, an instability row
         if self._rows_fixed is None or self._rows_fixed.shape[0] != G:
             gidx = torch.arange(G, **f64)
             self._rows_fixed = torch.stack([gidx, torch.full_like(gidx, al.KIND_DIVERGENCE)], 1)
@@ -733,17 +791,38 @@ class BurgersTracker:
         Ud = U.double()
         rows_sm = torch.cat([stepv, gcol, kind, pred_ev, str_all[:, None], Ud[:, : self.units]], 1)
         rows_dv = torch.cat(
-            [stepv, self._rows_fixed, pred[:, None], torch.zeros_like(stepv), Ud[:, self.units :]], 1
+            [stepv, self._rows_fixed, pred[:, None], torch.zeros_like(stepv), Ud[:, self.units : 2 * self.units]], 1
         )
-        rows = torch.stack([rows_dv, rows_sm], 1).reshape(2 * G, -1)
         alert = to_fc | to_sh
         if not self.trajectory_alerts:  # the trajectory view is logged (forecast, state), not alerted on
             alert[0] = False
-        flags = torch.stack([to_div, alert], 1).reshape(2 * G)
+        if self.growth > 0:
+            rows_gr = torch.cat(
+                [stepv, gcol, torch.full_like(stepv, al.KIND_INSTABILITY), torch.full_like(stepv, math.inf),
+                 gstrength[:, None], Ud[:, 2 * self.units :]], 1
+            )
+            rows = torch.stack([rows_dv, rows_sm, rows_gr], 1).reshape(3 * G, -1)
+            flags = torch.stack([to_div, alert, to_grow], 1).reshape(3 * G)
+        else:
+            rows = torch.stack([rows_dv, rows_sm], 1).reshape(2 * G, -1)
+            flags = torch.stack([to_div, alert], 1).reshape(2 * G)
         al.write_events(g["buf"], g["counter"], rows, flags)
 
+    def _log_lr(self, lr: float | Tensor | None, dev: torch.device) -> float | Tensor:
+        """``log(lr)`` (host float, or a 0-d device tensor for a tensor ``lr``); the last one when ``lr`` is
+        ``None``, ``0`` before any; ``nan`` for ``lr <= 0`` (no step length per unit rate then)."""
+        if lr is None:
+            return self._growth_log_lr
+        if isinstance(lr, Tensor):
+            out: float | Tensor = torch.log(lr.to(dev, torch.float64).reshape(()).clamp_min(0))
+            out = torch.where(torch.isfinite(out), out, math.nan)
+        else:
+            out = math.log(lr) if lr > 0 else math.nan
+        self._growth_log_lr = out
+        return out
+
     def _bucket_update(self, b: _Bucket, xs: list[Tensor], t_now: Tensor) -> tuple[Tensor, Tensor]:
-        """Particle view of a bucket: features ``(B, 7)`` (``_FEATURES``), unit indices ``(B, 2 units)``."""
+        """Particle view of a bucket: features ``(B, 8)`` (``_FEATURES``), unit indices ``(B, 3 units)``."""
         dev, L, K = b.device, b.L, self.neighbors
         # (n,) and (n, 1) groups share a bucket: stack them all as (n, D)
         x = torch.stack([xi.to(device=dev, dtype=b.dtype).reshape(xi.shape[0], -1) for xi in xs])
@@ -765,6 +844,17 @@ class BurgersTracker:
         else:
             guess = torch.zeros_like(x)
         x = torch.where(fin[..., None], x, guess)
+        # the step length: the median particle's distance moved since the last snapshot (its log, for the
+        # growth test), and the particles moving most (the units of an instability event), over a fixed
+        # sample of at most ~2 x _GROWTH_SAMPLE particles (every stride-th; all of a small group)
+        if b.count >= 1 and self.growth > 0:
+            stride = max(1, x.shape[1] // _GROWTH_SAMPLE)
+            sq = (x[:, ::stride] - b.pos[(b.count - 1) % L, :, ::stride]).square().sum(-1)  # (B, ~n / stride)
+            med_sq = sq.median(1).values.double()  # the square of the median step (its log: in _update)
+            fast = self._units_of(sq)
+            fast_units = self._map_units(b, torch.where(fast >= 0, fast * stride, fast))
+        else:
+            med_sq, fast_units = None, None
         slot = b.count % L
         b.pos[slot] = x
         b.times[slot] = t_now
@@ -785,12 +875,14 @@ class BurgersTracker:
                 torch.full((B, self.units), -1, dtype=torch.long, device=dev),
             )
         inf_b, zero_b, nan_b, none_units = b.const
+        msq = nan_b if med_sq is None else med_sq
+        gunits = none_units if fast_units is None else fast_units
 
         def pack(
             T: Tensor, sdT: Tensor, traw: Tensor, strength: Tensor, coll: Tensor, nu: Tensor, units: Tensor
         ) -> tuple[Tensor, Tensor]:
-            feat = torch.stack([T, sdT, traw, strength, coll, nonf, nu], 1)
-            return feat, torch.cat([units, nf_units], 1)
+            feat = torch.stack([T, sdT, traw, strength, coll, nonf, nu, msq], 1)
+            return feat, torch.cat([units, nf_units, gunits], 1)
 
         if b.count < 3:
             return pack(inf_b, inf_b, inf_b, zero_b, zero_b, nan_b, none_units)
@@ -931,7 +1023,7 @@ class BurgersTracker:
         return u
 
     def _traj_update(self, q: Tensor, t_now: Tensor) -> tuple[Tensor, Tensor]:
-        """Trajectory view: its feature row ``(7,)`` and the Burgers-consistency slope (0-d)."""
+        """Trajectory view: its feature row ``(8,)`` and the Burgers-consistency slope (0-d)."""
         dev = self._device
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         q = q.to(device=dev, dtype=dtype)
@@ -972,7 +1064,7 @@ class BurgersTracker:
         inf = torch.full((), math.inf, **f64)
         zero = torch.zeros((), **f64)
         if filled < 5:
-            return torch.stack([inf, inf, inf, zero, zero, nonf, nan]), nan
+            return torch.stack([inf, inf, inf, zero, zero, nonf, nan, nan]), nan
         s, var_s, tbar = tj.path_rate(tr["ring"], tr["times"], filled, 4.0, tr["times_host"])
         hs = tr["hcount"] % M
         tr["hist_t"][hs] = tbar
@@ -986,7 +1078,7 @@ class BurgersTracker:
         ok = pt.finite(t_star) & (b - 3.0 * se > 0)
         T = torch.where(ok, t_star, inf)
         strength = torch.where(ok, b / se.clamp_min(1e-300), zero)
-        return torch.stack([T, inf, T - t_now, strength, zero, nonf, nan]), b
+        return torch.stack([T, inf, T - t_now, strength, zero, nonf, nan, nan]), b
 
     # ------------------------------------------------------------------ outputs
     def _group_names(self) -> list[str]:
@@ -1010,6 +1102,8 @@ class BurgersTracker:
           for each group and ``trajectory``;
         - ``viscosity/<group>``: ``nu = D_hat/2`` in the tracker's time units (``nan`` until estimated);
         - ``state/<group>``: 0 pre, 1 imminent, 2 in-shock, for each group and ``trajectory``;
+        - ``growth/<group>``: growth rate of the group's median step length, per update (the log-linear slope
+          over the last ``growth_window`` updates; ``nan`` until they are there, or with ``growth=0``);
         - ``burgers_consistency``: fitted slope of ``d(1/s)/dt`` on the trajectory (1 for Burgers; ``nan``
           until enough data);
         - ``steps_to_shock``: the minimum of the ``forecast/`` values;
@@ -1035,6 +1129,11 @@ class BurgersTracker:
         state = g["state"].double()
         for i, nm in self._ordered():
             out[f"state/{nm}"] = state[i]
+        if "grate" in g:
+            grate = g["grate"].clone()
+            for i, nm in self._ordered():
+                if i > 0:
+                    out[f"growth/{nm}"] = grate[i]
         out["burgers_consistency"] = g["consistency"].clone()
         out["steps_to_shock"] = steps.amin()
         out["shock"] = (g["state"] == al.IN_SHOCK).any().double()
@@ -1088,7 +1187,8 @@ class BurgersTracker:
         keys = (
             "horizon window neighbors alpha rank collective quantile coherence method time n_on n_off disarm_horizon "
             "cooldown warmup "
-            "shock_updates riccati_window trajectory_window trajectory_alerts max_particles knn_every units"
+            "shock_updates riccati_window trajectory_window trajectory_alerts growth growth_window max_particles knn_every"
+            " units"
             " capacity seed"
         ).split()
         return {k: getattr(self, k) for k in keys}
@@ -1110,6 +1210,7 @@ class BurgersTracker:
             "read": self._read,
             "t_host": self._t_host,
             "rate_host": self._rate_host,
+            "growth_log_lr": self._growth_log_lr,
         }
 
     def load_state_dict(self, d: Mapping[str, Any], *, settings: str = "saved") -> None:
@@ -1209,9 +1310,16 @@ class BurgersTracker:
             else {k: (v.clone() if isinstance(v, Tensor) else copy.copy(v)) for k, v in traj.items()}
         )
         self._g = {k: v.clone() for k, v in d["g"].items()}
+        if "grow" not in self._g:  # saved before the growth test existed: its history starts now
+            G, f64 = len(self._names), dict(dtype=torch.float64, device=dev)
+            self._g["grow"] = torch.full((G, _GROWTH_HISTORY * self.growth_window), math.nan, **f64)
+            self._g["grow_on"] = torch.zeros(G, dtype=torch.bool, device=dev)
+            self._g["grate"] = torch.full((G,), math.nan, **f64)
         self._read = int(d["read"])
         self._t_host = d["t_host"]
         self._rate_host = d["rate_host"]
+        glr = d.get("growth_log_lr", 0.0)  # absent from states saved before the growth test
+        self._growth_log_lr = glr.to(dev).clone() if isinstance(glr, Tensor) else glr
 
     def __getstate__(self) -> dict[str, Any]:
         return self.state_dict()

@@ -235,8 +235,11 @@ def test_tracker_summary_keys_and_values():
         "forecast/a", "forecast/b", "forecast/trajectory",
         "viscosity/a", "viscosity/b",
         "state/a", "state/b", "state/trajectory",
+        "growth/a", "growth/b",
         "burgers_consistency", "steps_to_shock", "shock",
     }  # fmt: skip
+    # the characteristics move at constant speed: the step length neither grows nor shrinks much
+    assert abs(float(s["growth/a"])) < 0.05 and math.isfinite(float(s["growth/b"]))
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in s.values())
     assert float(s["forecast/a"]) == pytest.approx(100 - 59, abs=5)
     assert float(s["steps_to_shock"]) == min(float(s[k]) for k in s if k.startswith("forecast/"))

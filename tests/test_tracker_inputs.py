@@ -46,6 +46,11 @@ torch.set_num_threads(1)
         ({"units": -1}, r"`units` to be an integer >= 0, but got -1"),
         ({"capacity": 0}, r"`capacity` to be an integer >= 1, but got 0"),
         ({"seed": -1}, r"`seed` to be an integer >= 0, but got -1"),
+        ({"growth": 1.0}, r"`growth` to be 0 \(off\) or a finite number > 1, but got 1.0"),
+        ({"growth": 0.5}, r"`growth` to be 0 \(off\) or a finite number > 1, but got 0.5"),
+        ({"growth": math.inf}, r"`growth` to be 0 \(off\) or a finite number > 1, but got inf"),
+        ({"growth": True}, r"`growth` to be 0 \(off\) or a finite number > 1, but got True"),
+        ({"growth_window": 3}, r"`growth_window` to be an integer >= 4, but got 3"),
     ],
     ids=lambda v: str(v) if isinstance(v, dict) else "",
 )

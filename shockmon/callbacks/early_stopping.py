@@ -18,7 +18,7 @@ from shockmon.callbacks._state import check_state_version
 from shockmon.callbacks.monitor import ShockMonitor
 from shockmon.events import EventKind, ShockEvent
 
-_PRIORITY = {EventKind.DIVERGENCE: 0, EventKind.SHOCK: 1, EventKind.FORECAST: 2}
+_PRIORITY = {EventKind.DIVERGENCE: 0, EventKind.SHOCK: 1, EventKind.FORECAST: 2, EventKind.INSTABILITY: 3}
 
 
 #: version of the layout of :meth:`ShockEarlyStopping.state_dict` (a checkpoint without the field is version 0: the
@@ -72,6 +72,7 @@ class ShockStoppingReason(str, enum.Enum):
     DIVERGENCE = "divergence"
     SHOCK = "shock"
     FORECAST = "forecast"
+    INSTABILITY = "instability"
 
     def __str__(self) -> str:
         return self.value
@@ -95,7 +96,8 @@ class ShockEarlyStopping(EarlyStopping):
     Args:
         monitor: the metric to watch for improvement, as in ``EarlyStopping``; ``None`` to stop on events
             only.
-        stop_on: one or more of ``"divergence"``, ``"shock"``, ``"forecast"`` (or an empty list: never).
+        stop_on: one or more of ``"divergence"``, ``"shock"``, ``"forecast"``, ``"instability"`` (or an empty
+            list: never).
         hold_during_forecast: freeze patience while a transition is forecast or active.
         shock_monitor: the ``prefix`` of the ``ShockMonitor`` to follow; ``None``: the only one.
         \**kwargs: the other arguments of ``EarlyStopping``.

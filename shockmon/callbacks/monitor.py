@@ -280,6 +280,8 @@ class ShockMonitor(Callback):
     ``<prefix>/forecast/<group>``                 steps until the group's forecast shock (inf: none)
     ``<prefix>/viscosity/<group>``                estimated viscosity of the group
     ``<prefix>/state/<group>``                    0 before, 1 shock imminent, 2 in shock
+    ``<prefix>/growth/<group>``                   growth rate of the group's step length per update
+                                                  (an ``instability`` event when it runs away)
     ``<prefix>/burgers_consistency``              how Burgers-like (Riccati-consistent) the run is
     ``<prefix>/steps_to_shock``                   minimum of the forecasts [#cm]_ (and the progress bar)
     ``<prefix>/shock``                            1 while a shock is active [#cm]_

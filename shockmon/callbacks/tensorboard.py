@@ -158,6 +158,7 @@ def custom_scalars_layout(tags: Iterable[str], groups: Iterable[str], prefix: st
             [f"^{p}/steps_to_shock$", f"^{p}/shock$", f"^{p}/alerts$"],
         ],
         "viscosity": ["Multiline", [f"^{p}/viscosity/"]],
+        "step-length growth": ["Multiline", [f"^{p}/growth/"]],
         "Burgers consistency": ["Multiline", [f"^{p}/burgers_consistency$"]],
     }
     if any(t.startswith(f"{prefix}/dynamics/") for t in tags):
