@@ -1187,9 +1187,8 @@ class BurgersTracker:
         keys = (
             "horizon window neighbors alpha rank collective quantile coherence method time n_on n_off disarm_horizon "
             "cooldown warmup "
-            "shock_updates riccati_window trajectory_window trajectory_alerts growth growth_window max_particles knn_every"
-            " units"
-            " capacity seed"
+            "shock_updates riccati_window trajectory_window trajectory_alerts growth growth_window max_particles"
+            " knn_every units capacity seed"
         ).split()
         return {k: getattr(self, k) for k in keys}
 

@@ -730,8 +730,8 @@ BAD_ARGUMENTS: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
         )
         for name in (
             "horizon window neighbors alpha rank quantile method time n_on n_off disarm_horizon cooldown warmup"
-            " shock_updates riccati_window trajectory_window growth growth_window max_particles knn_every units capacity"
-            " seed"
+            " shock_updates riccati_window trajectory_window growth growth_window max_particles knn_every units"
+            " capacity seed"
         ).split()
     },
     # ShockMonitor
