@@ -7,6 +7,11 @@ Keys of :meth:`Observer.compute`:
     ``path_mass_max``, ``path_mass_median``, ``path_mass_participation`` (``(Σπ)²/(nΣπ²)``), ``direction_coherence``
     (mean squared cosine between the units' balanced directions, from their projections), and per chain
     ``path_norm`` (ℓ2 path norm).
+``quotient/permute/<layer>/...``
+    the same for the hidden layers reached through an activation without a rescaling symmetry (GELU, SiLU, Tanh, ...):
+    invariant under permutations of their units (and under the rescaling of any ``rescale`` layer of the same chain);
+    there ``dynamics/permute/<layer>/balancedness_drift`` is not zero under gradient flow (no rescaling, no
+    conservation law): it is just the change of ``‖w_in,i‖² − ‖w_out,i‖²``.
 ``quotient/attention_qk/<module>/...``, ``quotient/attention_vo/<module>/...``
     per attention block: ``head_norms/sorted`` (``‖W_Q,h W_K,hᵀ‖_F`` per head, ascending), ``norm`` (root sum of
     squares over heads), ``max_head``, ``singular_values/sorted`` (all heads' singular values, ascending),
@@ -362,7 +367,11 @@ class Observer:
         norms: dict[int, torch.Tensor] = {}
         for idx, (sq,) in _stacked_by_shape([(cp.path_norm_sq,) for cp in passes]):
             norms.update(zip(idx, sq.clamp_min(0).sqrt().unbind()))
-        items = [(ci, k, group.name) for ci, chain in enumerate(chains) for k, group in enumerate(chain.groups())]
+        items = [
+            (ci, k, f"{group.family}/{group.name}")
+            for ci, chain in enumerate(chains)
+            for k, group in enumerate(chain.groups())
+        ]
         fields = ("masses", "raw_in", "raw_out", "in_dirs", "out_dirs")
         parts = [tuple(getattr(passes[ci], f)[k] for f in fields) for ci, k, _ in items]
         done: dict[int, dict[str, torch.Tensor]] = {}
@@ -370,13 +379,13 @@ class Observer:
             done.update(zip(idx, self._rescale_values([items[j][2] for j in idx], *stacked)))
         j = 0
         for ci, (chain, cp) in enumerate(zip(chains, passes)):
-            out[f"quotient/rescale/{chain.name}/path_norm"] = norms[ci]
+            out[f"quotient/{chain.family}/{chain.name}/path_norm"] = norms[ci]
             if cp.row_profile is not None:
                 self._row_profiles[chain.layers[-1].path] = cp.row_profile
             for group in chain.groups():
                 vals = done[j]
                 j += 1
-                self._units[f"rescale/{group.name}"] = vals.pop("units")
+                self._units[f"{group.family}/{group.name}"] = vals.pop("units")
                 out.update(vals)
 
     def _rescale_values(
@@ -384,14 +393,16 @@ class Observer:
         out_dirs: torch.Tensor,
     ) -> list[dict[str, torch.Tensor]]:
         """The values of ``A`` hidden layers of ``n`` units from their stacked path masses ``(A, n)``, raw squared
-        norms ``(A, n)`` and direction projections ``(A, n, q)``: one dict per layer (and ``"units"``)."""
+        norms ``(A, n)`` and direction projections ``(A, n, q)``: one dict per layer (and ``"units"``). ``names``:
+        ``<family>/<group>``."""
         A, n = pi.shape
         srt = pi.sort(-1).values
         total = srt.sum(-1)
         participation = O.participation_ratio(srt)
         bal = raw_in - raw_out  # raw-side: balancedness of the raw parameters
         bal_norm = torch.linalg.vector_norm(bal, dim=-1)
-        prev = [self._balancedness.get(g) for g in names]
+        groups = [nm.split("/", 1)[1] for nm in names]
+        prev = [self._balancedness.get(g) for g in groups]
         if all(p is not None and p.shape == bal.shape[1:] for p in prev):
             drift = torch.linalg.vector_norm(bal - torch.stack(prev), dim=-1)  # type: ignore[arg-type]
         else:  # a first step (or a layer that changed shape): the drift of those layers is not defined yet
@@ -404,9 +415,9 @@ class Observer:
         units = torch.cat([0.25 * pi.clamp_min(_TINY).log()[..., None], dirs], dim=-1)
         coherence = O.direction_coherence(dirs)
         res = []
-        for a, g in enumerate(names):
+        for a, (g, fg) in enumerate(zip(groups, names)):
             self._balancedness[g] = bal[a]
-            pre = f"quotient/rescale/{g}"
+            pre = f"quotient/{fg}"
             res.append({
                 f"{pre}/path_mass/sorted": srt[a],
                 f"{pre}/path_mass_total": total[a],
@@ -414,7 +425,7 @@ class Observer:
                 f"{pre}/path_mass_median": srt[a, (n - 1) // 2],
                 f"{pre}/path_mass_participation": participation[a],
                 f"raw/{g}/balancedness": bal_norm[a],
-                f"dynamics/rescale/{g}/balancedness_drift": drift[a],
+                f"dynamics/{fg}/balancedness_drift": drift[a],
                 f"{pre}/direction_coherence": coherence[a],
                 "units": units[a],
             })
@@ -535,7 +546,8 @@ class Observer:
     def units(self) -> dict[str, torch.Tensor]:
         """Per-unit coordinates in module order, ``group -> (n, D)``: the tracker's particles.
 
-        Groups: ``rescale/<layer>`` (``[¼ log π_i, incoming direction, outgoing direction]``, π the path mass, so the
+        Groups: ``rescale/<layer>`` and ``permute/<layer>`` (``[¼ log π_i, incoming direction, outgoing direction]``,
+        π the path mass, so the
         first coordinate is the log balanced norm for a single hidden layer; the directions are the unit's signed
         weights towards a side no symmetry acts on and its squared-path profile towards hidden units, projected to
         ``proj_dim`` and normalised), ``attention/<module>`` (per head ``[½ log Σσ², ¼ log Σσ⁴]`` of ``W_Q W_Kᵀ`` and
@@ -555,11 +567,14 @@ class Observer:
         ``s_i`` (``w_in → s w_in``, ``w_out → w_out / s``) so that ``‖w̃_in,i‖ = ‖w̃_out,i‖`` for every unit at once.
         Sweeps are warm-started from the previous call (``balance_sweeps`` per call; exact in one sweep for a single
         hidden layer). A downstream normalisation's scale is divided out first, so the result is invariant under it.
+        Chains with a ``permute`` layer (GELU, Tanh, ...: no rescaling there, no balanced representative) are left out.
         """
         if self.rows.sharded:
             raise NotImplementedError("Observer.balanced() needs unsharded parameters")
         res: dict[str, dict[str, torch.Tensor]] = {}
         for chain in self.report.chains:
+            if chain.family != "rescale":
+                continue
             ws = [self.rows.rows(lay.weight, self.dtype)[0] for lay in chain.layers]
             sq = [O.squared_operator(w, lay.kind, lay.in_blocks) for w, lay in zip(ws, chain.layers)]
             sqb = [
@@ -635,7 +650,7 @@ class Observer:
                 ps = [pair(lay.weight)] + ([pair(lay.bias)] if lay.bias is not None else [])
                 if all(p is not None for p in ps):
                     tot = torch.stack([torch.linalg.vector_norm(w * g).square() for w, g in ps])  # type: ignore[misc]
-                    gens[f"quotient/rescale/{group.name}/grad_norm"] = one([tot.sum()[None]])
+                    gens[f"quotient/{group.family}/{group.name}/grad_norm"] = one([tot.sum()[None]])
         for ns in self.report.norm_scales:
             p = pair(ns.weight)
             if p is None:

@@ -65,6 +65,7 @@ def coordinate_label(group: str) -> str:
     family = group.split("/", 1)[0]
     return {
         "rescale": "¼ log path mass",
+        "permute": "¼ log path mass",
         "attention": "½ log Σσ² of W_Q W_Kᵀ (per head)",
         "normscale": "row direction (coordinate 0)",
     }.get(family, "coordinate 0")

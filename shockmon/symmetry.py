@@ -73,13 +73,45 @@ _POS_HOMOGENEOUS = (
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
 )  # not ReLU6/GELU/SiLU/Tanh: they saturate or curve, so no positive rescaling passes through them
+#: elementwise activations with no rescaling symmetry: the hidden units between two layers can still be permuted
+#: (their incoming rows, biases and outgoing columns together), which is the ``permute`` family
+_ELEMENTWISE = (
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Softplus,
+    nn.Mish,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Softshrink,
+    nn.Hardshrink,
+)
+_ELEMENTWISE_FN = (
+    torch.nn.functional.gelu,
+    torch.nn.functional.silu,
+    torch.nn.functional.tanh,
+    torch.tanh,
+    torch.sigmoid,
+    torch.nn.functional.elu,
+    torch.nn.functional.mish,
+)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _ROWSLICE = re.compile(r"^(?P<name>[^\[\]]+?)(\[(?P<a>\d*):(?P<b>\d*)\])?$")
 
 _SEARCHED = (
     "positive rescaling (Linear/Conv -> ReLU-like -> Linear/Conv in nn.Sequential and in ReLU Transformer feed-forward "
-    "blocks), normalisation scale (weights feeding BatchNorm/GroupNorm/LayerNorm/RMSNorm in nn.Sequential), attention "
+    "blocks), permutation of hidden units (the same with GELU/SiLU/Tanh/... activations), normalisation scale "
+    "(weights feeding BatchNorm/GroupNorm/LayerNorm/RMSNorm in nn.Sequential), attention "
     "heads (nn.MultiheadAttention, nn.TransformerEncoderLayer/DecoderLayer)"
 )
 
@@ -169,17 +201,25 @@ class ChainLayer:
 
 @dataclass(frozen=True)
 class RescaleGroup:
-    """The hidden units at the output of ``chain.layers[index]``."""
+    """The hidden units at the output of ``chain.layers[index]``; ``family`` ``"rescale"`` (a positively homogeneous
+    activation: each unit can be rescaled) or ``"permute"`` (GELU, Tanh, ...: the units can only be permuted)."""
 
     name: str
     chain: str
     index: int
+    family: str = "rescale"
 
 
 @dataclass(frozen=True)
 class RescaleChain:
     """Layers ``L_0 ... L_m`` joined by positively homogeneous maps; the outputs of ``L_0 ... L_{m-1}`` are hidden
     units with a positive rescaling symmetry each.
+
+    ``families``: per hidden layer, ``"rescale"`` or ``"permute"`` (empty: all ``"rescale"``). A ``"permute"`` layer
+    is reached through an elementwise activation that no rescaling passes through (GELU, SiLU, Tanh, ...): its units
+    have only the permutation symmetry. The same per-unit quantities are computed for every hidden layer (path masses,
+    directions); being products along paths they stay invariant under the rescaling of the chain's ``"rescale"``
+    layers, and they are permutation-equivariant: quotient observables of whatever group acts.
 
     ``end_norm`` says how the output of ``L_m`` is normalised downstream: ``"none"``, ``"row"`` (BatchNorm: each
     output channel separately, the last bias a pure gauge), ``"group"`` (GroupNorm with ``end_groups`` groups) or
@@ -192,10 +232,18 @@ class RescaleChain:
     end_norm: Literal["none", "row", "group", "tensor"] = "none"
     end_groups: int = 1
     declared: bool = False
+    families: tuple[str, ...] = ()
+
+    @property
+    def family(self) -> str:
+        """``"rescale"`` when every hidden layer has the rescaling symmetry, else ``"permute"`` (chain-level values
+        such as the path norm are then quotients of the permutations and the remaining rescalings)."""
+        return "permute" if "permute" in self.families else "rescale"
 
     def groups(self) -> list[RescaleGroup]:
         """One group per hidden layer, named after the layer whose outputs the units are."""
-        return [RescaleGroup(lay.path, self.name, k) for k, lay in enumerate(self.layers[:-1])]
+        fams = self.families or ("rescale",) * (len(self.layers) - 1)
+        return [RescaleGroup(lay.path, self.name, k, fams[k]) for k, lay in enumerate(self.layers[:-1])]
 
 
 @dataclass(frozen=True)
@@ -476,7 +524,8 @@ class SymmetryReport:
     """What :func:`discover` found. ``str(report)`` is a readable table.
 
     Attributes:
-        chains: positive-rescaling chains (their hidden layers are the groups).
+        chains: chains of layers joined by elementwise activations; their hidden layers are the groups, with a
+            positive rescaling symmetry each (``rescale``) or only the permutation one (``permute``).
         norm_scales: weights read through a normalisation.
         attentions: multi-head attention blocks.
         parameters: names of all trainable parameters, in model order.
@@ -512,7 +561,7 @@ class SymmetryReport:
             for g in c.groups():
                 lay, nxt = c.layers[g.index], c.layers[g.index + 1]
                 src = "declared" if c.declared else "found"
-                rows.append(("rescale", g.name, src, f"{lay.weight} -> {nxt.weight}"))
+                rows.append((g.family, g.name, src, f"{lay.weight} -> {nxt.weight}"))
         for a in self.attentions:
             src = "declared" if a.declared else "found"
             rows.append(("attention", a.name, f"{a.num_heads} heads, {src}", f"q={a.q} k={a.k} v={a.v} o={a.o}"))
@@ -580,16 +629,23 @@ class _ChainBuilder:
         self.layers: list[ChainLayer] = []
         self.last_channels = 0  # output channels of the last layer
         self.flattened = False
-        self.open = False  # only positively homogeneous maps since the last layer
+        self.open = False  # only elementwise maps since the last layer
+        self.links: list[str] = []  # the family of each hidden layer so far
+        self.link = "rescale"  # since the last layer: "permute" once a non-homogeneous activation was seen
 
     def close(self, end_norm: str = "none", end_groups: int = 1) -> None:
         if len(self.layers) >= 2:
-            chain = RescaleChain(self.layers[0].path, tuple(self.layers), end_norm, end_groups)  # type: ignore[arg-type]
+            links = tuple(self.links) if "permute" in self.links else ()
+            chain = RescaleChain(
+                self.layers[0].path, tuple(self.layers), end_norm, end_groups, families=links  # type: ignore[arg-type]
+            )
             self.report.chains.append(chain)
-            for lay in self.layers:
-                self.report._cover(lay.weight, "rescale")
-                self.report._cover(lay.bias, "rescale")
+            for k, lay in enumerate(self.layers):  # a layer's families: of the units it reads and of those it feeds
+                for fam in dict.fromkeys(self.links[max(k - 1, 0) : k + 1]):
+                    self.report._cover(lay.weight, fam)
+                    self.report._cover(lay.bias, fam)
         self.layers, self.open, self.flattened = [], False, False
+        self.links, self.link = [], "rescale"
 
     def layer(self, path: str, m: nn.Module) -> None:
         kind = "conv" if isinstance(m, _CONV) else "linear"
@@ -609,12 +665,15 @@ class _ChainBuilder:
                 ok = m.in_channels == self.last_channels
             if not ok:
                 self.close()
+            else:
+                self.links.append(self.link)
         else:
             self.close()
         bias = _ref(path, "bias") if getattr(m, "bias", None) is not None else None
         self.layers.append(ChainLayer(path, _ref(path, "weight"), bias, kind, in_blocks))  # type: ignore[arg-type]
         self.last_channels = m.out_channels if kind == "conv" else m.out_features
         self.open, self.flattened = True, False
+        self.link = "rescale"
 
     def norm(self, path: str, m: nn.Module) -> None:
         per, groups, n_features = self._norm_kind(m)
@@ -648,6 +707,7 @@ class _ChainBuilder:
             self.layers = [ChainLayer(path, _ref(path, "weight"), bias, "diag")]
             self.last_channels = w.shape[0]
             self.open, self.flattened = True, False
+            self.links, self.link = [], "rescale"
 
     @staticmethod
     def _norm_kind(m: nn.Module) -> tuple[str | None, int, int]:
@@ -669,6 +729,8 @@ class _ChainBuilder:
             elif _is_pos_homogeneous(m):
                 if isinstance(m, nn.Flatten):
                     self.flattened = True
+            elif isinstance(m, _ELEMENTWISE) and self.open:
+                self.link = "permute"
             else:
                 self.close()
         self.close()
@@ -689,11 +751,15 @@ def _mha_spec(path: str, m: nn.MultiheadAttention) -> AttentionSpec:
     return AttentionSpec(path or "model", q, k, v, _ref(path, "out_proj.weight"), m.num_heads, qb, kb, vb)
 
 
-def _relu_activation(layer: nn.Module) -> bool:
+def _ffn_family(layer: nn.Module) -> str | None:
+    """The family of a Transformer layer's feed-forward hidden units: ``"rescale"`` (ReLU-like activation),
+    ``"permute"`` (another elementwise one: GELU, SiLU, ...), ``None`` (an activation not known to be elementwise)."""
     act = getattr(layer, "activation", None)
-    if act is torch.nn.functional.relu:
-        return True
-    return isinstance(act, nn.Module) and _is_pos_homogeneous(act)
+    if act is torch.nn.functional.relu or (isinstance(act, nn.Module) and _is_pos_homogeneous(act)):
+        return "rescale"
+    if isinstance(act, _ELEMENTWISE) or any(act is f for f in _ELEMENTWISE_FN):
+        return "permute"
+    return None
 
 
 def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None = None) -> SymmetryReport:
@@ -737,13 +803,14 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
             for ref in (spec.q, spec.k, spec.v, spec.o, spec.q_bias, spec.v_bias):
                 report._cover(ref, "attention")
             report._cover(spec.k_bias, "attention (gauge)")
-        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and _relu_activation(m):
+        ffn = _ffn_family(m) if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) else None
+        if ffn is not None:
             p1, p2 = f"{path}.linear1" if path else "linear1", f"{path}.linear2" if path else "linear2"
             l1 = ChainLayer(p1, _ref(p1, "weight"), _ref(p1, "bias") if m.linear1.bias is not None else None)
             l2 = ChainLayer(p2, _ref(p2, "weight"), _ref(p2, "bias") if m.linear2.bias is not None else None)
-            report.chains.append(RescaleChain(p1, (l1, l2)))
+            report.chains.append(RescaleChain(p1, (l1, l2), families=(ffn,) if ffn == "permute" else ()))
             for ref in (l1.weight, l1.bias, l2.weight):
-                report._cover(ref, "rescale")
+                report._cover(ref, ffn)
 
     # nn.Sequential chains (outermost Sequentials only; nested ones are flattened into them)
     walked: list[str] = []
@@ -796,7 +863,7 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
 def _check_unique(report: SymmetryReport) -> None:
     names: dict[str, str] = {}
     for fam, items in (
-        ("rescale", [g.name for g in report.rescale_groups()]),
+        ("rescale", [g.name for g in report.rescale_groups()]),  # rescale and permute: one name space (units)
         ("attention", [a.name for a in report.attentions]),
         ("normscale", [n.name for n in report.norm_scales]),
     ):

@@ -53,13 +53,35 @@ def test_discover_transformer_layer() -> None:
     assert "attention" in text and "raw only: " in text and "norm1.weight" in text
 
 
-def test_discover_gelu_is_not_rescaling() -> None:
-    with pytest.warns(UserWarning, match="no symmetry found"):
-        r = discover(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)))
-    assert r.is_empty and len(r.warnings) == 1
-    assert "searched for positive rescaling" in r.warnings[0]
+def test_discover_gelu_is_permutation_not_rescaling() -> None:
+    r = discover(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)))
+    assert [(c.name, c.family) for c in r.chains] == [("0", "permute")] and not r.warnings
+    assert [row[0] for row in r.rows()] == ["permute"] and r.covered["0.weight"] == ["permute"]
     g = discover(nn.TransformerEncoderLayer(8, 2, 16, activation="gelu"))
-    assert g.rescale_groups() == [] and len(g.attentions) == 1
+    assert [(c.name, c.family) for c in g.chains] == [("linear1", "permute")] and len(g.attentions) == 1
+    # a ReLU link then a Tanh link: one chain (its path masses stay invariant under the ReLU units' rescaling),
+    # whose hidden layers have their own family each
+    m = discover(nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)))
+    assert [(c.name, c.families, [lay.path for lay in c.layers]) for c in m.chains] == [
+        ("0", ("rescale", "permute"), ["0", "2", "4"])
+    ]
+    assert [(g.name, g.family) for g in m.rescale_groups()] == [("0", "rescale"), ("2", "permute")]
+    assert m.covered["2.weight"] == ["rescale", "permute"] and m.covered["4.weight"] == ["permute"]
+    # the reason for the family: a rescaling does not pass a GELU unit (it does a ReLU one)
+    torch.manual_seed(0)
+    for act, same in ((nn.GELU, False), (nn.ReLU, True)):
+        net = nn.Sequential(nn.Linear(3, 4), act(), nn.Linear(4, 2)).double()
+        x = torch.randn(8, 3, dtype=torch.float64)
+        y = net(x)
+        with torch.no_grad():
+            net[0].weight.mul_(3.0), net[0].bias.mul_(3.0), net[2].weight.div_(3.0)
+        assert torch.allclose(net(x), y) is same
+    # an activation that is not elementwise (softmax mixes the units): nothing found, and the warning says what was
+    # searched for
+    with pytest.warns(UserWarning, match="no symmetry found"):
+        e = discover(nn.Sequential(nn.Linear(3, 4), nn.Softmax(-1), nn.Linear(4, 2)))
+    assert e.is_empty and len(e.warnings) == 1
+    assert "searched for positive rescaling" in e.warnings[0] and "permutation of hidden units" in e.warnings[0]
 
 
 def test_discover_layernorm_after_linear_is_tensor_scale() -> None:

@@ -145,4 +145,7 @@ def test_growth_state_saved_before_the_test_existed_resumes_silent_or_with_the_t
         legacy.update(step, {"layer": x}, lr=0.01)
         current.update(step, {"layer": x}, lr=0.01)
     assert legacy.growth == 0 and instabilities(legacy) == []
-    assert [e.step for e in instabilities(current)] == pytest.approx([66], abs=4)
+    # its growth history starts at the resume (step 40) and the test needs three windows of it: the event comes
+    # then, while the oscillation still grows or holds (steps 60-99), not at 67 as in an uninterrupted run
+    steps = [e.step for e in instabilities(current)]
+    assert len(steps) == 1 and 40 + 3 * current.growth_window - 1 <= steps[0] < 100, steps
