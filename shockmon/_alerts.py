@@ -60,14 +60,17 @@ def forecast_trend(ts: Tensor, Ts: Tensor, sds: Tensor, min_points: int) -> tupl
     return torch.where(enough, b, math.nan), torch.where(enough, se, math.nan)
 
 
-def growth_test(ring: Tensor, t: Tensor, z: float, log_factor: float) -> tuple[Tensor, Tensor, Tensor]:
+def growth_test(
+    ring: Tensor, design: tuple[Tensor, Tensor], z: float, log_factor: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Exponential growth of each group's step length: ``(rate, strength, grows)``.
 
     Args:
         ring: ``(G, m)`` float64 log step lengths, oldest first (``nan`` until filled, or where not measured);
-            the test fits the last ``k = len(t)`` and needs the whole ring filled: growth is measured against a
-            settled history (the first updates of a run ramp up: momentum, Adam's early steps).
-        t: ``(k,)`` float64 update offsets about their mean (``arange(k) - (k - 1) / 2``).
+            the test fits the last ``k`` and needs the whole ring filled: growth is measured against a settled
+            history (the first updates of a run ramp up: momentum, Adam's early steps).
+        design: :func:`growth_design` ``(P, X)``: the least-squares line's coefficients (rate, mean) are
+            ``ring[:, -k:] @ P`` and its values ``coefficients @ X``.
         z: one-sided critical value for the slope's t-statistic.
         log_factor: the log of the growth factor the fitted line must rise by across the ``k`` updates.
 
@@ -80,16 +83,24 @@ def growth_test(ring: Tensor, t: Tensor, z: float, log_factor: float) -> tuple[T
         ``(rate, strength, grows)``: the slope (``nan`` until the last ``k`` are there), its t-statistic where
         significant (0 elsewhere, capped at 1e6) and the significance mask.
     """
-    k = t.shape[0]
+    P, X = design
+    k = P.shape[0]
     last = ring[:, -k:]
-    stt = k * (k * k - 1) / 12.0  # sum of t^2 for the centred offsets, on the host
-    rate = (last * t).sum(1) / stt
-    res = last - last.mean(1, keepdim=True) - rate[:, None] * t
-    se = torch.sqrt((res * res).sum(1) / ((k - 2) * stt))
-    tstat = rate / se.clamp_min(1e-300)
-    settled = finite(ring[:, 0])
-    grows = (tstat > z) & (rate * (k - 1) > log_factor) & settled  # nan compares False
+    coef = last @ P  # (G, 2): rate, mean
+    rate = coef[:, 0]
+    res = last - coef @ X  # the residuals about the line
+    stt = k * (k * k - 1) / 12.0  # sum of the squared centred offsets, on the host
+    tstat = rate * math.sqrt((k - 2) * stt) * torch.rsqrt((res * res).sum(1).clamp_min(1e-300))
+    grows = (tstat > z) & (rate > log_factor / (k - 1)) & finite(ring[:, 0])  # nan compares False
     return rate, torch.where(grows, tstat.clamp_max(1e6), 0.0), grows
+
+
+def growth_design(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(P, X)``, float64: ``P`` ``(k, 2)`` gives the slope and the mean of a least-squares line through ``k``
+    equally spaced values, ``X`` ``(2, k)`` the line's values from them (centred offsets, then ones)."""
+    t = torch.arange(k, dtype=torch.float64, device=device) - (k - 1) / 2.0
+    P = torch.stack([t / (k * (k * k - 1) / 12.0), torch.full_like(t, 1.0 / k)], 1)
+    return P, torch.stack([t, torch.ones_like(t)])
 
 
 def step_machine(

@@ -381,7 +381,7 @@ class BurgersTracker:
         self._feat_default: Tensor | None = None
         self._units_default: Tensor | None = None
         self._rows_fixed: Tensor | None = None
-        self._grow_t: Tensor | None = None  # the growth test's centred update offsets, on device
+        self._grow_t: tuple[Tensor, Tensor] | None = None  # the growth test's least-squares design, on device
         self._index_cache: dict[tuple[torch.dtype, tuple[Any, ...]], Tensor] = {}  # see _device_index
         self._t_host: float | None = None  # the current time, while it is known on the host
         self._growth_log_lr: float | Tensor = 0.0  # log of the last learning rate given (growth test)
@@ -765,8 +765,7 @@ class BurgersTracker:
             lstep_all = 0.5 * torch.log(stepsq_all) - self._log_lr(lr, dev)
             grow_new = torch.cat([g["grow"][:, 1:], lstep_all[:, None]], 1)
             if self._grow_t is None:
-                k = self.growth_window
-                self._grow_t = torch.arange(k, dtype=torch.float64, device=dev) - (k - 1) / 2.0
+                self._grow_t = al.growth_design(self.growth_window, dev)
             grate, gstrength, grows = al.growth_test(
                 grow_new, self._grow_t, pt.bonferroni_z(self.alpha, 1), math.log(self.growth)
             )

@@ -149,3 +149,22 @@ def test_growth_state_saved_before_the_test_existed_resumes_silent_or_with_the_t
     # then, while the oscillation still grows or holds (steps 60-99), not at 67 as in an uninterrupted run
     steps = [e.step for e in instabilities(current)]
     assert len(steps) == 1 and 40 + 3 * current.growth_window - 1 <= steps[0] < 100, steps
+
+
+def test_growth_test_matches_the_textbook_slope_and_its_t_statistic():
+    from shockmon import _alerts as al
+
+    g = torch.Generator().manual_seed(0)
+    ring = torch.randn(50, 36, dtype=torch.float64, generator=g).cumsum(1) * 0.3
+    ring[:5, :3] = math.nan  # not settled: never significant
+    k = 12
+    t = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    last = ring[:, -k:]
+    slope = (last * t).sum(1) / (t * t).sum()
+    res = last - last.mean(1, keepdim=True) - slope[:, None] * t
+    tstat = slope / torch.sqrt((res * res).sum(1) / ((k - 2) * (t * t).sum()))
+    want = (tstat > 1.0) & (slope * (k - 1) > math.log(1.5)) & torch.isfinite(ring[:, 0])
+    rate, strength, grows = al.growth_test(ring, al.growth_design(k, ring.device), 1.0, math.log(1.5))
+    torch.testing.assert_close(rate, slope)
+    assert torch.equal(grows, want) and 0 < int(want.sum()) < 45
+    torch.testing.assert_close(strength, torch.where(want, tstat, 0.0))
