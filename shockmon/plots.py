@@ -71,6 +71,13 @@ def coordinate_label(group: str) -> str:
     }.get(family, "coordinate 0")
 
 
+#: events drawn as a marker: kind -> (marker, colour, legend label)
+_MARKERS = {
+    EventKind.INSTABILITY: ("v", "tab:purple", "instability"),
+    EventKind.FORECAST: ("^", "tab:orange", "forecast fired"),
+}
+
+
 def _mark_events(ax: Any, events: Sequence[ShockEvent], lo: float, hi: float) -> list[Any]:
     """Shocks as red lines, divergences as black dotted lines, instabilities as a purple down-triangle,
     forecasts as a triangle at the step they fired and an orange dashed line at the step they predicted. Returns
@@ -86,34 +93,14 @@ def _mark_events(ax: Any, events: Sequence[ShockEvent], lo: float, hi: float) ->
         elif e.kind is EventKind.DIVERGENCE:
             ax.axvline(e.step, color="black", lw=1.5, ls=":", zorder=3)
             handles["divergence"] = Line2D([], [], color="black", lw=1.5, ls=":", label="divergence")
-        elif e.kind is EventKind.INSTABILITY:
+        elif e.kind in _MARKERS:  # a marker at the step it fired, at the bottom of the axes
+            marker, color, label = _MARKERS[e.kind]
             ax.plot(
-                [e.step],
-                [0.03],
-                marker="v",
-                color="tab:purple",
-                ms=9,
-                transform=ax.get_xaxis_transform(),
-                clip_on=False,
+                [e.step], [0.03], marker=marker, color=color, ms=9, transform=ax.get_xaxis_transform(), clip_on=False,
                 zorder=4,
             )
-            handles["instability"] = Line2D(
-                [], [], color="tab:purple", marker="v", ls="", ms=9, label="instability"
-            )
-        elif e.kind is EventKind.FORECAST:
-            ax.plot(
-                [e.step],
-                [0.03],
-                marker="^",
-                color="tab:orange",
-                ms=9,
-                transform=ax.get_xaxis_transform(),
-                clip_on=False,
-                zorder=4,
-            )
-            handles["forecast"] = Line2D(
-                [], [], color="tab:orange", marker="^", ls="", ms=9, label="forecast fired"
-            )
+            handles[label] = Line2D([], [], color=color, marker=marker, ls="", ms=9, label=label)
+        if e.kind is EventKind.FORECAST:
             p = e.predicted_step
             if math.isfinite(p) and lo <= p <= hi and round(p) not in predicted and len(predicted) < 20:
                 predicted.add(round(p))

@@ -345,3 +345,23 @@ def test_report_reads_an_alert_table_without_its_json_comment():
     assert (old.step, old.predicted_step, old.strength, old.units) == (120, 180.0, 4.21, (3, 17))
     broken = text.replace("[[120", "[[oops")  # a comment that does not parse: the table still does
     assert parse_alerts(broken) == [old]
+
+
+def test_report_marks_every_event_kind_once_in_the_legend():
+    pytest.importorskip("matplotlib")
+    from shockmon.events import EventKind, ShockEvent
+    from shockmon.plots import _mark_events, figure
+
+    ax = figure(400, 300).subplots()
+    events = [
+        ShockEvent(EventKind.FORECAST, "g", "particle", 10, 40.0, 3.0),
+        ShockEvent(EventKind.FORECAST, "g", "particle", 12, 41.0, 3.0),
+        ShockEvent(EventKind.INSTABILITY, "g", "particle", 20, math.inf, 8.0, (1, 2)),
+        ShockEvent(EventKind.SHOCK, "g", "particle", 41, 41.0, 3.0),
+        ShockEvent(EventKind.DIVERGENCE, "g", "input", 60, math.inf, 0.0),
+    ]
+    handles = _mark_events(ax, events, 0.0, 100.0)
+    assert [h.get_label() for h in handles] == [
+        "forecast fired", "predicted shock step", "instability", "shock", "divergence"
+    ]  # fmt: skip
+    assert [h.get_marker() for h in handles[:3]] == ["^", "None", "v"]
