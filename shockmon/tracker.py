@@ -239,13 +239,15 @@ class BurgersTracker:
             Riccati-consistent "blow-ups" marked the ends of fast phases (a path decelerating to a stop),
             never a scored transition (``benchmarks/detection``). Divergence events are always raised.
         growth: an ``instability`` event fires when a particle group's median step length (the distance its
-            median particle moved since the previous update) grows exponentially: the least-squares line through
-            the log step lengths of the last ``growth_window`` updates rises by at least this factor and its
-            slope is significant at level ``alpha`` (one test per group and update). A run-away oscillation --
-            a direction past its edge of stability, the mechanism of catapults and Adam's loss spikes -- grows
-            like this for several updates before the loss does much; ordinary training's step lengths wander
-            or drift slowly. The event fires when the growth starts being significant (once per episode), with
-            the fastest-moving particles as its units, and carries no forecast step. ``0``: off.
+            median particle moved since the previous update, per unit learning rate, floored at float resolution)
+            grows exponentially: the least-squares line through the log step lengths of the last
+            ``growth_window`` updates rises by at least this factor, its slope is significant at level ``alpha``
+            (a t test on the residuals), and its rise stands out of the scatter of the ``2 * growth_window``
+            updates before (:func:`shockmon._alerts.growth_test`), on two updates in a row. A run-away
+            oscillation -- a direction past its edge of stability, the mechanism of catapults and Adam's loss
+            spikes -- grows like this for several updates before the loss does much; ordinary training's step
+            lengths wander or drift slowly. One event per episode, with the fastest-moving particles (of a
+            sample of about 128) as its units, and no forecast step. ``0``: off.
         growth_window: updates in the growth test's fit, ``>= 4``.
         max_particles: larger groups are tracked on a fixed random subsample of this size.
         knn_every: in D > 1, each particle's neighbour list is recomputed (exactly) every this many updates; a
@@ -412,7 +414,7 @@ class BurgersTracker:
             "consistency": torch.full((), math.nan, **f64),
             # log step lengths per unit learning rate, oldest first: the test's window and the history before it
             "grow": torch.full((G, _GROWTH_HISTORY * self.growth_window), math.nan, **f64),
-            "grow_on": torch.zeros(G, dtype=torch.bool, device=device),
+            "grow_on": torch.zeros(G, dtype=torch.long, device=device),  # updates in a row it grew (0, 1, 2+)
             "grate": torch.full((G,), math.nan, **f64),  # growth rate of the step length per update
         }
 
@@ -462,7 +464,7 @@ class BurgersTracker:
         g["hist_sd"][gi] = math.nan
         g["pred"][gi] = math.inf
         g["grow"][gi] = math.nan
-        g["grow_on"][gi] = False
+        g["grow_on"][gi] = 0
         g["grate"][gi] = math.nan
         g["steps"][gi] = math.inf
         g["nu"][gi] = math.nan
@@ -767,17 +769,20 @@ class BurgersTracker:
             if self._grow_t is None:
                 self._grow_t = al.growth_design(self.growth_window, dev)
             grate, gstrength, grows = al.growth_test(
-                grow_new, self._grow_t, pt.bonferroni_z(self.alpha, 1), math.log(self.growth)
+                grow_new, self._grow_t, al.t_critical(self.alpha, self.growth_window - 2), math.log(self.growth)
             )
             if not warm:  # the warm-up gate (host-known)
                 grows = torch.zeros_like(grows)
-            to_grow = grows & ~g["grow_on"]
+            # an event on the second update in a row that grows (one window of a small group's heavy-tailed
+            # steps can look like a line; two in a row rarely do), once per episode
+            to_grow = grows & (g["grow_on"] == 1)
+            on_new = torch.where(grows, (g["grow_on"] + 1).clamp_max(2), 0)
             if upd is None:
-                g["grow"], g["grate"], g["grow_on"] = grow_new, grate, grows
+                g["grow"], g["grate"], g["grow_on"] = grow_new, grate, on_new
             else:
                 g["grow"] = torch.where(upd[:, None], grow_new, g["grow"])
                 g["grate"] = torch.where(upd, grate, g["grate"])
-                g["grow_on"] = torch.where(upd, grows, g["grow_on"])
+                g["grow_on"] = torch.where(upd, on_new, g["grow_on"])
                 to_grow = to_grow & upd
         # ---- events: per group a divergence row, a state-machine row, an instability row
         if self._rows_fixed is None or self._rows_fixed.shape[0] != G:
@@ -848,8 +853,12 @@ class BurgersTracker:
         # sample of at most ~2 x _GROWTH_SAMPLE particles (every stride-th; all of a small group)
         if b.count >= 1 and self.growth > 0:
             stride = max(1, x.shape[1] // _GROWTH_SAMPLE)
-            sq = (x[:, ::stride] - b.pos[(b.count - 1) % L, :, ::stride]).square().sum(-1)  # (B, ~n / stride)
-            med_sq = sq.median(1).values.double()  # the square of the median step (its log: in _update)
+            xs = x[:, ::stride]
+            sq = (xs - b.pos[(b.count - 1) % L, :, ::stride]).square().sum(-1)  # (B, ~n / stride)
+            # the square of the median step (its log: in _update), floored at the coordinates' float resolution:
+            # steps of a few ulps (a group that does not move) rise and fall by whole factors, which is no growth
+            res = (16 * torch.finfo(b.dtype).eps) * xs.abs().amax((1, 2))
+            med_sq = torch.maximum(sq.median(1).values, res * res).double()
             fast = self._units_of(sq)
             fast_units = self._map_units(b, torch.where(fast >= 0, fast * stride, fast))
         else:
@@ -1311,7 +1320,7 @@ class BurgersTracker:
         if "grow" not in self._g:  # saved before the growth test existed: its history starts now
             G, f64 = len(self._names), dict(dtype=torch.float64, device=dev)
             self._g["grow"] = torch.full((G, _GROWTH_HISTORY * self.growth_window), math.nan, **f64)
-            self._g["grow_on"] = torch.zeros(G, dtype=torch.bool, device=dev)
+            self._g["grow_on"] = torch.zeros(G, dtype=torch.long, device=dev)
             self._g["grate"] = torch.full((G,), math.nan, **f64)
         self._read = int(d["read"])
         self._t_host = d["t_host"]
