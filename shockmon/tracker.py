@@ -351,6 +351,10 @@ class BurgersTracker:
             raise ValueError(f"Expected argument `growth` to be 0 (off) or a finite number > 1, but got {growth!r}")
         self.growth = float(growth)
         self.growth_window = _int_arg("growth_window", growth_window, 4)
+        # the growth test's t quantile and log growth factor (host arithmetic, once)
+        self._growth_levels = (
+            al.t_critical(self.alpha, self.growth_window - 2), math.log(self.growth) if self.growth > 0 else 0.0
+        )
         self.max_particles = _int_arg("max_particles", max_particles, max(self.neighbors + 1, 3))
         self.knn_every = _int_arg("knn_every", knn_every, 1)
         self.units = _int_arg("units", units, 0)
@@ -768,9 +772,7 @@ class BurgersTracker:
             grow_new = torch.cat([g["grow"][:, 1:], lstep_all[:, None]], 1)
             if self._grow_t is None:
                 self._grow_t = al.growth_design(self.growth_window, dev)
-            grate, gstrength, grows = al.growth_test(
-                grow_new, self._grow_t, al.t_critical(self.alpha, self.growth_window - 2), math.log(self.growth)
-            )
+            grate, gstrength, grows = al.growth_test(grow_new, self._grow_t, *self._growth_levels)
             if not warm:  # the warm-up gate (host-known)
                 grows = torch.zeros_like(grows)
             # an event on the second update in a row that grows (one window of a small group's heavy-tailed
@@ -787,24 +789,27 @@ class BurgersTracker:
         # ---- events: per group a divergence row, a state-machine row, an instability row
         if self._rows_fixed is None or self._rows_fixed.shape[0] != G:
             gidx = torch.arange(G, **f64)
-            self._rows_fixed = torch.stack([gidx, torch.full_like(gidx, al.KIND_DIVERGENCE)], 1)
+            # group, then the constant columns of a divergence row (kind) and of an instability row (kind, no
+            # forecast step)
+            self._rows_fixed = torch.stack(
+                [gidx, torch.full_like(gidx, al.KIND_DIVERGENCE), torch.full_like(gidx, al.KIND_INSTABILITY),
+                 torch.full_like(gidx, math.inf)], 1
+            )
         stepv = torch.full((G, 1), float(step), **f64)
         kind = to_sh.double()[:, None]  # KIND_FORECAST = 0, KIND_SHOCK = 1
         pred_ev = torch.where(to_sh & ~pt.finite(pred), float(step), pred)[:, None]
         gcol = self._rows_fixed[:, :1]
         Ud = U.double()
         rows_sm = torch.cat([stepv, gcol, kind, pred_ev, str_all[:, None], Ud[:, : self.units]], 1)
+        u = self.units
         rows_dv = torch.cat(
-            [stepv, self._rows_fixed, pred[:, None], torch.zeros_like(stepv), Ud[:, self.units : 2 * self.units]], 1
+            [stepv, self._rows_fixed[:, :2], pred[:, None], torch.zeros_like(stepv), Ud[:, u : 2 * u]], 1
         )
         alert = to_fc | to_sh
         if not self.trajectory_alerts:  # the trajectory view is logged (forecast, state), not alerted on
             alert[0] = False
         if self.growth > 0:
-            rows_gr = torch.cat(
-                [stepv, gcol, torch.full_like(stepv, al.KIND_INSTABILITY), torch.full_like(stepv, math.inf),
-                 gstrength[:, None], Ud[:, 2 * self.units :]], 1
-            )
+            rows_gr = torch.cat([stepv, gcol, self._rows_fixed[:, 2:], gstrength[:, None], Ud[:, 2 * self.units :]], 1)
             rows = torch.stack([rows_dv, rows_sm, rows_gr], 1).reshape(3 * G, -1)
             flags = torch.stack([to_div, alert, to_grow], 1).reshape(3 * G)
         else:
@@ -1137,11 +1142,10 @@ class BurgersTracker:
         state = g["state"].double()
         for i, nm in self._ordered():
             out[f"state/{nm}"] = state[i]
-        if "grate" in g:
-            grate = g["grate"].clone()
-            for i, nm in self._ordered():
-                if i > 0:
-                    out[f"growth/{nm}"] = grate[i]
+        grate = g["grate"].clone()
+        for i, nm in self._ordered():
+            if i > 0:
+                out[f"growth/{nm}"] = grate[i]
         out["burgers_consistency"] = g["consistency"].clone()
         out["steps_to_shock"] = steps.amin()
         out["shock"] = (g["state"] == al.IN_SHOCK).any().double()
