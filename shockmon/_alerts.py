@@ -135,6 +135,7 @@ def step_machine(
     shock_cond: Tensor,
     nonfinite: Tensor,
     cfg: dict[str, float],
+    hold: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Advance the hysteresis state machine; return ``(to_forecast, to_shock, to_divergence)``.
 
@@ -146,6 +147,8 @@ def step_machine(
         steps_to: steps to the forecast shock (``inf`` when none, or not Burgers-consistent).
         shock_cond: the shock criterion holds; nonfinite: the input was non-finite.
         cfg: ``h_on, h_off, n_on, n_off, n_shock, cooldown``.
+        hold: where the shock is still there (``(G,)`` bool): an in-shock group does not count towards its
+            disarm on these updates, so a lasting shock is one episode, not one event per cooldown.
 
     Arm when ``0 <= steps_to < h_on`` for ``n_on`` updates (outside cooldown); fire ``shock`` when the criterion
     holds ``n_shock`` updates; disarm when the time to shock exceeds ``h_off`` for ``n_off`` updates, then
@@ -160,7 +163,10 @@ def step_machine(
         on_new, shk_new = torch.zeros_like(on), torch.zeros_like(shk)
     # in-shock disarms like imminent, on the Burgers-consistent forecast: a raw significant compression
     # somewhere in a group of many particles is almost always present, and would hold the state forever
-    off_new = (off + 1) * (steps_to > cfg["h_off"])
+    far = steps_to > cfg["h_off"]
+    if hold is not None:
+        far = far & ~(hold & (state == IN_SHOCK))
+    off_new = (off + 1) * far
     to_shock = (state != IN_SHOCK) & (shk_new >= cfg["n_shock"]) & ((state == IMMINENT) | (cool == 0))
     stay = ~to_shock
     to_arm = (state == PRE) & stay & (on_new >= cfg["n_on"])

@@ -40,7 +40,8 @@ class ShockEvent:
         group: the group (layer, block, ...) it concerns, or ``"trajectory"`` for the trajectory view.
         channel: ``"particle"`` or ``"trajectory"`` (which view produced it), or ``"input"`` for divergence.
         step: the step at which it fired.
-        predicted_step: the forecast shock step at that moment (``inf`` when none).
+        predicted_step: the forecast shock step at that moment (``inf`` when none; a ``shock`` that no consistent
+            forecast preceded, one that had already formed, carries its own step).
         strength: a positive number: how strongly compressive / significant (``z``-score-like); larger is stronger.
         units: indices (module order) of the units most involved, possibly empty.
 

@@ -175,11 +175,15 @@ class BurgersTracker:
     zero the forecast blow-up (logged; alerted on only with ``trajectory_alerts``).
 
     A ``forecast`` event fires when a Burgers-consistent crossing is predicted between now and ``horizon``
-    steps ahead for ``n_on`` updates. A *shock* follows a forecast (it is never raised from nothing): while
-    armed, when a significantly closing pair of particles crosses or comes within the viscous width ``2
-    nu/|dv|``, when the forecast time is reached, or when the compression stops steepening with the crossing
-    due within the forecasts' own span (the gradient plateaus at its viscous limit). Both states disarm when
-    no consistent forecast is within ``disarm_horizon`` for ``n_off`` updates. Viscosity ``nu = D_hat/2``
+    steps ahead for ``n_on`` updates. A *shock* fires while armed when a significantly closing pair of particles
+    crosses or comes within the viscous width ``2 nu/|dv|``, when the forecast time is reached, or when the
+    compression stops steepening with the crossing due within the forecasts' own span (the gradient plateaus at
+    its viscous limit). Unarmed, only a shock that has *formed* fires: the plateau and a collapsed pair at once
+    (a collective crossing within ``horizon`` whose forecast recedes like time, as a formed viscous shock's does,
+    while pairs have crossed; one closing pair alone, never forecast, is mostly noise in a dense cloud). Its
+    event's predicted step is its own. Both states disarm when no consistent forecast is within
+    ``disarm_horizon`` for ``n_off`` updates, except that in-shock holds while pairs stay collapsed or the
+    plateau lasts: a lasting shock is one event. Viscosity ``nu = D_hat/2``
     comes from the MAD variance of velocity residuals, with measurement noise (constant in the lag) separated
     from diffusion (growing with it).
 
@@ -747,16 +751,21 @@ class BurgersTracker:
         T_g = torch.where(consistent, T_all, math.inf)
         armed = g["state"] == al.IMMINENT
         reached = consistent & (T_all <= t_now) & armed  # a forecast that was never issued is not "reached"
-        # every shock follows its own forecast: a crossing or viscous collapse that was never forecast is, on
-        # real runs, mostly noise in a dense cloud (a warning, not a detector, is what shockmon is for)
-        shock_cond = (reached | (coll_all > 0) | plateau) & armed
+        # a crossing or viscous collapse counts after a forecast: one that was never forecast is, on real runs,
+        # mostly noise in a dense cloud. Unarmed, a shock counts once it has formed: pairs collapsed *and* the
+        # collective compression at its plateau (condensation: units' directions merging at a steady rate; a
+        # monitor attached after the crossing). In-shock holds while either lasts: one event per shock
+        collapsed = coll_all > 0
+        shock_cond = ((reached | collapsed | plateau) & armed) | (plateau & collapsed)
         shock_cond[0] = reached[0]
+        hold = collapsed | plateau
+        hold[0] = False
         rate = g["rate"]
         steps_to = (T_g - t_now) / rate
         all_updated = all(upd_list)
         upd = None if all_updated else self._device_index(tuple(upd_list), torch.bool)
         warm = step >= self.warmup
-        to_fc, to_sh, to_div = al.step_machine(g, upd, warm, steps_to, shock_cond, nonf_all > 0, self._cfg)
+        to_fc, to_sh, to_div = al.step_machine(g, upd, warm, steps_to, shock_cond, nonf_all > 0, self._cfg, hold)
         pred = step + steps_to
         if upd is None:  # every group was updated (host-known): no masking
             g["pred"], g["steps"], g["nu"] = pred, steps_to.clamp_min(0), nu_all

@@ -166,6 +166,29 @@ def test_tracker_viscous_shock_timing(nu):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("start", [1.2, 1.5])
+def test_tracker_reports_a_formed_shock_once_without_a_forecast(start):
+    """A monitor attached after the viscous shock formed (nu = 0.01) sees no crossing to forecast, only the
+    formed shock: pairs inside the viscous width while the collective compression sits at its plateau. It
+    fires one ``shock`` (its own step as predicted step), and in-shock holds while the shock lasts: not one
+    event per disarm-and-cooldown cycle (n_off + cooldown = 25 updates) over the ~140 updates that follow."""
+    nu = 0.01
+    t_f = formation_time(_sine, nu, -1.0 / (4 * nu), potential=torch.cos, tol=1e-4)
+    paths = advect(nu, 1024, int(2.5 * t_f / DT)).float()
+    k0 = int(start * t_f / DT)
+    tracker = BurgersTracker(horizon=200)
+    for k in range(k0, paths.shape[0]):
+        tracker.update(k, {"layer": paths[k]})
+    events = tracker.poll()
+    assert [e.kind for e in events] == [EventKind.SHOCK], events
+    (s,) = events
+    # a full window (16 updates), then the forecast history the plateau is judged on
+    assert k0 + tracker.window <= s.step <= k0 + 3 * tracker.window
+    assert s.predicted_step == s.step and len(s.units) > 0
+    assert float(tracker.summary()["state/layer"]) == 2.0  # still in-shock at the end: the shock is there
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("nu", "diffusion"), [(0.05, 0.05), (0.01, 0.01), (0.05, 0.005)])
 def test_tracker_viscosity_estimate_from_brownian_particles(nu, diffusion):
     """Particles of the viscous flow plus Brownian motion of diffusion coefficient D: nu_hat within 2x of D.

@@ -76,3 +76,21 @@ def test_tracker_controls_multidimensional_and_noisy_trajectory_are_silent():
             tracker.update(k, {"walk8": walk8, "ou2": ou2}, trajectory=q)
         events += tracker.poll()
     assert events == []
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tracker_exponential_merging_without_crossing_is_silent(rate, seed):
+    """256 units in 2-D contracting exponentially onto 3 points (plus 1e-4 noise): an Ornstein--Uhlenbeck-like
+    merging whose characteristics converge but never cross. Its collective forecast recedes like time (the
+    compression's plateau, as a formed shock's would) but no pair collapses: no event. (A plateau alone, without
+    a collapsed pair, fires here at rate 0.05.)"""
+    g = torch.Generator().manual_seed(seed)
+    n = 256
+    x0 = torch.randn(n, 2, generator=g)
+    target = (2 * torch.randn(3, 2, generator=g))[torch.arange(n) % 3]
+    tracker = BurgersTracker()
+    for k in range(300):
+        x = target + (x0 - target) * torch.exp(torch.tensor(-rate * k)) + 1e-4 * torch.randn(n, 2, generator=g)
+        tracker.update(k, {"units": x})
+    assert tracker.poll() == []
