@@ -758,8 +758,7 @@ class BurgersTracker:
         collapsed = coll_all > 0
         shock_cond = ((reached | collapsed | plateau) & armed) | (plateau & collapsed)
         shock_cond[0] = reached[0]
-        hold = collapsed | plateau
-        hold[0] = False
+        hold = collapsed | plateau  # False for the trajectory view: it has no pairs, and no plateau
         rate = g["rate"]
         steps_to = (T_g - t_now) / rate
         all_updated = all(upd_list)
