@@ -420,6 +420,13 @@ class BurgersTracker:
             "t": torch.zeros((), **f64),
             "rate": torch.ones((), **f64),
             "consistency": torch.full((), math.nan, **f64),
+            **self._growth_state(G, device),
+        }
+
+    def _growth_state(self, G: int, device: torch.device) -> dict[str, Tensor]:
+        """The growth test's state for ``G`` groups, before any update."""
+        f64 = dict(dtype=torch.float64, device=device)
+        return {
             # log step lengths per unit learning rate, oldest first: the test's window and the history before it
             "grow": torch.full((G, _GROWTH_HISTORY * self.growth_window), math.nan, **f64),
             "grow_on": torch.zeros(G, dtype=torch.long, device=device),  # updates in a row it grew (0, 1, 2+)
@@ -1330,10 +1337,7 @@ class BurgersTracker:
         )
         self._g = {k: v.clone() for k, v in d["g"].items()}
         if "grow" not in self._g:  # saved before the growth test existed: its history starts now
-            G, f64 = len(self._names), dict(dtype=torch.float64, device=dev)
-            self._g["grow"] = torch.full((G, _GROWTH_HISTORY * self.growth_window), math.nan, **f64)
-            self._g["grow_on"] = torch.zeros(G, dtype=torch.long, device=dev)
-            self._g["grate"] = torch.full((G,), math.nan, **f64)
+            self._g.update(self._growth_state(len(self._names), dev))
         self._read = int(d["read"])
         self._t_host = d["t_host"]
         self._rate_host = d["rate_host"]
