@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.detection import baselines as bl  # noqa: E402
+from benchmarks.detection import evidence as ev  # noqa: E402
 from benchmarks.detection import scoring as sc  # noqa: E402
+from benchmarks.detection.record import Recording  # noqa: E402
 
 
 @pytest.mark.slow
@@ -87,3 +89,32 @@ def test_detection_baselines_fire_once_per_excursion_on_seeded_streams():
     hits = bl.page_hinkley(steps, pnorm, 8.0)
     assert hits and 300 <= hits[0] <= 310
     assert bl.spike(steps[:200], loss[:200], 2.0) == [] and bl.cusum(steps[:250], pnorm[:250], 64.0) == []
+
+
+def _units_recording(x: np.ndarray) -> Recording:
+    T = x.shape[0]
+    steps = np.arange(1, T + 1)
+    z = np.zeros(T)
+    return Recording("synthetic", 0, steps, z, z, z, z, np.zeros(0, dtype=int), {}, steps,
+                     {"g": x.astype(np.float32)}, None, z, [], {}, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_detection_evidence_finds_the_first_reversal_of_the_units_motion(seed):
+    """The EoS evidence's measure: straight (even curving) motion has no reversal; a period-2 oscillation growing
+    out of float noise, as GD past 2/eta gives, reverses the motion within a few steps of where it outgrows the
+    drift, never before it starts."""
+    rng = np.random.default_rng(seed)
+    T, start = 200, 120
+    t = np.arange(T, dtype=np.float64)[:, None, None]
+    x0, v = rng.standard_normal((1, 64, 9)), rng.standard_normal((1, 64, 9))
+    smooth = x0 + 0.01 * v * t + 1e-5 * v * t**2  # a drift that accelerates: cosines stay near 1
+    steps, cos = ev.motion_cosines(_units_recording(smooth))
+    assert ev.first_reversal(steps, cos, 16) is None and cos.min() > 0.99
+    mode = rng.standard_normal((1, 64, 9))
+    amp = np.where(t >= start, 1e-4 * 1.5 ** (t - start), 0.0)  # 0.01 |v| per step of drift; the mode passes it
+    osc = smooth + amp * (-1.0) ** t * mode  # after ~9 steps of growth
+    steps, cos = ev.motion_cosines(_units_recording(osc))
+    first = ev.first_reversal(steps, cos, 16)
+    assert first is not None and start < first <= start + 20
+    assert ev.first_reversal(steps, cos, first) != first  # strictly after `after`

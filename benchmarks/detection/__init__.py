@@ -12,5 +12,6 @@ scores every detector on seeds 3--5 (:mod:`.scoring`); prints the tables and wri
 ``--quick`` (one seed, shortened runs) checks the pipeline in CI, not the scores. ``--cached`` reuses the
 recordings under ``benchmarks/detection/.cache`` (git-ignored) with their live events; ``--replay`` feeds them
 to the current tracker instead (offline iteration on the tracker; the quick mode checks that a replay gives the
-live monitor's events exactly).
+live monitor's events exactly). ``python -m benchmarks.detection.evidence`` (:mod:`.evidence`) prints, from the
+same recordings, why no alert comes before an edge of stability or a catapult.
 """

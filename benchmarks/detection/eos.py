@@ -6,8 +6,9 @@ Hessian eigenvalue of the training loss) is measured every ``eval_every`` steps 
 iteration on Hessian-vector products. Transition: the first measurement with sharpness >= 1.9/eta.
 
 - ``eos_tanh``: the issue's tanh MLP; sharpness reaches 2/eta at ~260--280 steps. A tanh network has no
-  continuous parameter symmetry (only unit permutations and sign flips), so ``ShockMonitor`` finds no
-  quotient to track: this case measures what shockmon cannot see.
+  continuous parameter symmetry (only unit permutations and sign flips); ``ShockMonitor`` tracks its hidden
+  units as the ``permute`` family's particles. Why no alert comes before the transition:
+  :mod:`benchmarks.detection.evidence`.
 - ``eos_relu`` (added): the same with ReLU, which shockmon can see; sharpness reaches 2/eta earlier, at
   ~50--125 steps.
 """
