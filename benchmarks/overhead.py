@@ -31,7 +31,9 @@ Arms (the Trainer logs every ``log_every_n_steps=50`` steps, its default, to a T
     weights.
 ``shockmon_n16``
     ``ShockMonitor(every_n_steps=16)``: a stride of the size the monitor's overhead warning names for a model
-    whose step is about as short as an observation (the tiny MLP); still reads back and logs every 50 steps.
+    whose step is about as short as an observation (the tiny MLP); still reads back and logs every 50 steps. What
+    it costs in detection is not measured here: replayed at this stride, the detection benchmark's runs raised
+    no alert before any transition (``python -m benchmarks.detection --replay --every-n-steps 16``).
 ``grad_norm``
     Lightning's documented way to log gradient norms: ``self.log_dict(grad_norm(self, norm_type=2))`` in
     ``on_before_optimizer_step``, every step.

@@ -269,7 +269,11 @@ def test_overhead_advice_names_a_stride_that_meets_the_threshold(hook_ms, read_m
         return (frac - read) * every / stride + read
 
     assert at(k) <= threshold and (k == every or at(k // 2) > threshold)
-    assert f"span {16 * k} steps" in advice
+    # what the stride costs in detection is said too: the windows' span in steps, and that alerts are lost
+    assert f"span {16 * k} steps and its instability test {36 * k}," in advice and "missed" in advice
+    quiet = overhead_advice(hook_ms * steps / 1e3, step_ms * steps / 1e3, steps, every, threshold, window=16,
+                            read_s=read_ms * steps / 1e3, growth_updates=0)  # no instability test (growth=0)
+    assert quiet is not None and f"span {16 * k} steps, so" in quiet and "instability" not in quiet
 
 
 def test_overhead_advice_also_thins_the_log_steps_when_their_reads_take_much():

@@ -118,3 +118,22 @@ def test_detection_evidence_finds_the_first_reversal_of_the_units_motion(seed):
     first = ev.first_reversal(steps, cos, 16)
     assert first is not None and start < first <= start + 20
     assert ev.first_reversal(steps, cos, first) != first  # strictly after `after`
+
+
+def test_detection_replay_every_n_steps_is_what_a_live_monitor_observing_that_often_gives():
+    """``--every-n-steps K`` replays an every-step recording at stride K: the same inputs and the same events as a
+    live ``ShockMonitor(every_n_steps=K)`` on the same run (a condensation run: ~1 s; it has a shock at stride 2)."""
+    from benchmarks.detection.cases import all_cases
+    from benchmarks.detection.record import replay, run_case
+
+    case = next(c for c in all_cases() if c.name == "condensation")
+    every = run_case(case.name, 0, case.build(0, False))
+    live = run_case(case.name, 0, case.build(0, False), {"every_n_steps": 2})
+    at = every.feed_steps % 2 == 0
+    np.testing.assert_array_equal(every.feed_steps[at], live.feed_steps)
+    for g, u in every.units.items():
+        np.testing.assert_array_equal(u[at], live.units[g])
+    assert live.events and replay(every, every_n_steps=2) == live.events
+    assert replay(every) == every.events
+    with pytest.raises(ValueError, match="every_n_steps"):
+        replay(every, every_n_steps=0)

@@ -5,6 +5,7 @@ Usage::
     python -m benchmarks.detection                      # full: every case, seeds 0-5, fresh runs
     python -m benchmarks.detection --quick --out /tmp/d   # one seed, shortened runs: checks the pipeline only
     python -m benchmarks.detection --replay             # reuse cached recordings, re-run only the tracker
+    python -m benchmarks.detection --replay --every-n-steps 4   # ... as ShockMonitor(every_n_steps=4) would see them
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def get_recording(case: Case, seed: int, quick: bool, cache: Path, fresh: bool, 
     return rec
 
 
-def shockmon_alerts(rec: Recording, use_replay: bool) -> tuple[list[dict[str, Any]], list[int], list[float]]:
-    events = replay(rec) if use_replay else rec.events
+def shockmon_alerts(
+    rec: Recording, use_replay: bool, every_n_steps: int = 1
+) -> tuple[list[dict[str, Any]], list[int], list[float]]:
+    events = replay(rec, every_n_steps=every_n_steps) if use_replay else rec.events
     steps = [int(e["step"]) for e in events]
     pred = [float(e["predicted_step"]) if math.isfinite(float(e["predicted_step"])) else math.nan for e in events]
     return events, steps, pred
@@ -75,10 +78,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="reuse cached recordings (run the missing ones) with the events their live monitor gave")
     ap.add_argument("--replay", action="store_true",
                     help="reuse cached recordings (run the missing ones) and re-run the current tracker on them")
+    ap.add_argument("--every-n-steps", type=int, default=1,
+                    help="with --replay: feed the tracker every this many steps, as ShockMonitor(every_n_steps=...)"
+                         " would observe them (the baselines still see every step)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--check-replay", action="store_true",
                     help="check that replaying each recording gives the live monitor's events (on in --quick)")
     args = ap.parse_args(argv)
+    if args.every_n_steps < 1:
+        ap.error(f"--every-n-steps must be >= 1, got {args.every_n_steps}")
+    if args.every_n_steps > 1 and not args.replay:
+        ap.error("--every-n-steps needs --replay (the recordings are made at every step)")
 
     import torch
 
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sm_events: dict[tuple[str, int], list[dict[str, Any]]] = {}
     alerts: dict[str, dict[tuple[str, int], sc.RunAlerts]] = {SHOCKMON: {}}
     for key, rec in runs.items():
-        ev, st, pr = shockmon_alerts(rec, args.replay)
+        ev, st, pr = shockmon_alerts(rec, args.replay, args.every_n_steps)
         sm_events[key] = ev
         alerts[SHOCKMON][key] = run_alerts(key, st, pr)
     replay_ok = None
@@ -154,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "selection_seeds": select,
         "report_seeds": report,
         "replay": args.replay,
+        "every_n_steps": args.every_n_steps,
         "cached": args.cached,
         "replay_matches_live": replay_ok,
         "torch": torch.__version__,
@@ -207,7 +218,8 @@ def render_tables(doc: dict[str, Any], cases: list[Case]) -> str:
     res = doc["results"]
     lines = [
         f"Detection benchmark: thresholds chosen on seeds {doc['selection_seeds']}, "
-        f"scores on seeds {doc['report_seeds']}" + (" (QUICK: pipeline check, not a result)" if doc["quick"] else ""),
+        f"scores on seeds {doc['report_seeds']}" + (" (QUICK: pipeline check, not a result)" if doc["quick"] else "")
+        + (f"; shockmon observing every {doc['every_n_steps']} steps" if doc.get("every_n_steps", 1) > 1 else ""),
         "",
         "| detector | threshold | recall | precision | median lead (steps) | false alarms / 1e4 control steps"
         " | forecast error (steps) | forecast error / lead |",

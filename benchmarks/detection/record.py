@@ -273,18 +273,27 @@ def run_case(name: str, seed: int, setup: Setup, monitor_kwargs: dict[str, Any] 
     )
 
 
-def replay(rec: Recording, make_tracker: Callable[[], Any] | None = None, poll_every: int = 10) -> list[dict[str, Any]]:
-    """Feed a recording to a fresh tracker (default: the monitor's default one) and return its events."""
+def replay(
+    rec: Recording, make_tracker: Callable[[], Any] | None = None, poll_every: int = 10, every_n_steps: int = 1
+) -> list[dict[str, Any]]:
+    """Feed a recording to a fresh tracker (default: the monitor's default one) and return its events.
+
+    ``every_n_steps``: feed only the observations of steps that are multiples of it, which is what a live
+    ``ShockMonitor(every_n_steps=...)`` observes (the observations do not depend on the ones before).
+    """
     from shockmon import ShockMonitor
 
+    if not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ValueError(f"Expected `every_n_steps` to be an int >= 1, but got {every_n_steps!r}")
     tracker = make_tracker() if make_tracker is not None else ShockMonitor(print_summary=False)._make_tracker()
     events: list[dict[str, Any]] = []
-    T = len(rec.feed_steps)
+    fed = [i for i, s in enumerate(rec.feed_steps) if int(s) % every_n_steps == 0]
+    T = len(fed)
     if T == 0:
         return events
     units = {g: torch.from_numpy(v) for g, v in rec.units.items()}
     traj = None if rec.trajectory is None else torch.from_numpy(rec.trajectory)
-    for i in range(T):
+    for n, i in enumerate(fed):
         lr = rec.feed_lr[i]
         tracker.update(
             int(rec.feed_steps[i]),
@@ -292,6 +301,6 @@ def replay(rec: Recording, make_tracker: Callable[[], Any] | None = None, poll_e
             trajectory=None if traj is None else traj[i],
             lr=None if math.isnan(lr) else float(lr),
         )
-        if (i + 1) % poll_every == 0 or i == T - 1:
+        if (n + 1) % poll_every == 0 or n == T - 1:
             events += [e.to_dict() for e in tracker.poll()]
     return events

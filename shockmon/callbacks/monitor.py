@@ -190,6 +190,7 @@ def overhead_advice(
     window: int = 16,
     read_s: float = 0.0,
     log_every: int = 50,
+    growth_updates: int = 36,
 ) -> str | None:
     """The warning :class:`ShockMonitor` gives when its own host time per training step exceeds ``threshold``
     times the rest of the step, with the ``every_n_steps`` that would bring it under; ``None`` when it does not.
@@ -200,7 +201,8 @@ def overhead_advice(
             allowed fraction; window: the tracker's window, in observations; read_s: the part of ``hook_s``
             spent reading back and logging at log steps, which a stride does not thin (the observations' share
             scales as ``1 / every_n_steps``, the reads' as ``1 / log_every``); log_every: the log interval they
-            were measured at.
+            were measured at; growth_updates: the observations the tracker's instability test spans
+            (``3 * growth_window``; 0 when it is off).
 
     Example:
         >>> overhead_advice(0.2, 0.36, 100, 1, 0.1) is not None   # 2 ms of hooks on a 1.6 ms step
@@ -231,9 +233,12 @@ def overhead_advice(
         k *= 2
     what = f"every_n_steps={k}" + (f", log_every_n_steps={log_every * m}" if m > 1 else "")
     return (
-        f"{head} `ShockMonitor({what})` would bring it to about {obs * every_n_steps / k + read / m:.0%}; the"
-        f" tracker's fits then span {window * k} steps, so transitions that build up faster than that are seen"
-        f" late.{tail}"
+        f"{head} `ShockMonitor({what})` would bring it to about {obs * every_n_steps / k + read / m:.0%}, at a"
+        f" price in what it sees: the tracker's fits then span {window * k} steps"
+        + (f" and its instability test {growth_updates * k}" if growth_updates > 0 else "")
+        + ", so transitions that build up faster than that are missed, not just seen"
+        f" late. Measured on shockmon's detection benchmark (README, 'Choosing every_n_steps'): at"
+        f" every_n_steps=2 every loss-spike alert was lost, at 8 every alert.{tail}"
     )
 
 
@@ -311,7 +316,10 @@ class ShockMonitor(Callback):
         histogram_every_n_steps: per-unit histograms at the first log step after each multiple of this;
             ``None``: ten log intervals; ``0``: never.
         every_n_steps: observe every this many optimizer steps (1: every step). A log step that is not observed
-            reads the latest observation and logs it at the step it was made.
+            reads the latest observation and logs it at the step it was made. A stride thins what the tracker
+            sees, not only its cost: its windows count observations, so they span ``every_n_steps`` times more
+            steps. Replayed on the detection benchmark's recordings (README, "Choosing every_n_steps"), 2 lost
+            every loss-spike alert (recall 0.70 -> 0.07; condensation still seen), 8 and 16 every alert.
         horizon: the tracker's forecast horizon, in steps.
         window: the tracker's fitting window, in observations.
         prefix: tag prefix; also identifies the instance in checkpoints, so two monitors need two prefixes.
@@ -699,10 +707,17 @@ class ShockMonitor(Callback):
                 self._cost_hooks, now - self._cost_start, COST_STEPS, self.every_n_steps, self.overhead_warning,
                 # the tracker's own window: a checkpoint's, when resumed with another (see load_state_dict)
                 self._tracker.window if self._tracker is not None else self.window,
-                read_s=self._cost_read, log_every=self._log_every,
+                read_s=self._cost_read, log_every=self._log_every, growth_updates=self._growth_updates(),
             )
             if advice is not None:
                 rank_zero_warn(advice)
+
+    def _growth_updates(self) -> int:
+        """The observations the tracker's instability test spans (0 when it is off), for the overhead advice."""
+        from shockmon.tracker import _GROWTH_HISTORY
+
+        t = self._tracker
+        return _GROWTH_HISTORY * t.growth_window if t is not None and t.growth > 0 else 0
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._observer is not None and self._values_step > self._last_read_step:
