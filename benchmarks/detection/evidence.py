@@ -1,4 +1,5 @@
-"""Why shockmon has no alert before the edge of stability or a catapult: measured on the recorded runs.
+"""Why shockmon has no alert before the edge of stability, a catapult or a grokking jump: measured on the
+recorded runs.
 
 The detection benchmark scores shockmon 0 on ``eos_tanh``, ``eos_relu`` and ``catapult``. Issue 5 asks, where a
 transition type is not detectable from quotient observables, for the evidence. This prints it from the cached
@@ -17,6 +18,11 @@ recordings (``python -m benchmarks.detection`` makes them; nothing is trained he
   ``growth_window`` step lengths against the ``2 * growth_window`` before them, so it needs ``3 * growth_window``
   updates, and a settled history (a run-away from the first step never stands out of its own history): both
   with the tracker's defaults, printed beside the transition steps.
+- **Grokking** (what the quotient does show). The particle view sees no coherent compression of units (README);
+  the trajectory view's Riccati blow-ups (alerted on only with ``trajectory_alerts=True``, off by default) are
+  printed beside the jump and the warning window, with those on the control runs, and so is the step at which the
+  raw parameter norm peaks (weight decay starts to shrink the network): the turn a Page--Hinkley test on that
+  norm catches.
 
 Run: ``python -m benchmarks.detection.evidence`` (``--cache`` a recordings directory, ``--seeds``).
 """
@@ -32,7 +38,7 @@ import numpy as np
 
 from benchmarks.detection.__main__ import CACHE, _cache_path
 from benchmarks.detection.cases import all_cases
-from benchmarks.detection.record import Recording
+from benchmarks.detection.record import Recording, replay
 
 
 def motion_cosines(rec: Recording) -> tuple[np.ndarray, np.ndarray]:
@@ -78,10 +84,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     after, need_growth = defaults.window, 3 * defaults.growth_window
     cases = {c.name: c for c in all_cases()}
     out: dict[str, list[dict[str, Any]]] = {}
-    if not any(_cache_path(args.cache, c, s, False).exists() for c in ("eos_tanh", "eos_relu", "catapult")
-               for s in args.seeds):
-        ap.error(f"no recordings of eos_tanh, eos_relu or catapult for seeds {args.seeds} under {args.cache}: "
-                 "`python -m benchmarks.detection --cached --cases eos_tanh eos_relu catapult` makes them")
+    names = ("eos_tanh", "eos_relu", "catapult", "grok_mlp", "control_grok_mlp")
+    if not any(_cache_path(args.cache, c, s, False).exists() for c in names for s in args.seeds):
+        ap.error(f"no recordings of {', '.join(names)} for seeds {args.seeds} under {args.cache}: "
+                 f"`python -m benchmarks.detection --cached --cases {' '.join(names)}` makes them")
 
     def load(case: str, seed: int) -> Recording | None:
         path = _cache_path(args.cache, case, seed, False)
@@ -123,7 +129,33 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
                "instability_needs": need_growth}
         rows.append(row)
         print(f"| {seed} | {tr} | x{row['loss_growth']:.0f} | x{row['step_growth']:.1f} |")
+    grok = cases["grok_mlp"]
+    print(f"\ngrok_mlp: the jump (test accuracy >= 0.9), its {grok.window}-step warning window, the parameter norm's "
+          "peak, and the trajectory view's forecasts with trajectory_alerts=True")
+    print("| run | jump | window | parameter norm's peak | trajectory-view forecasts (step -> predicted) |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in ("grok_mlp", "control_grok_mlp"):
+        rows = out[name] = []
+        for seed in args.seeds:
+            rec = load(name, seed)
+            if rec is None:
+                continue
+            tr = cases[name].transitions(rec)
+            fc = [(int(e["step"]), float(e["predicted_step"])) for e in replay(rec, _trajectory_alerts)
+                  if e["group"] == "trajectory" and e["kind"] == "forecast"]
+            peak = int(rec.steps[int(np.argmax(rec.param_norm))])
+            rows.append({"seed": seed, "transition": tr[0] if tr else None, "param_norm_peak": peak,
+                         "trajectory_forecasts": fc})
+            win = f"{tr[0] - grok.window}-{tr[0]}" if tr else "-"
+            shown = ", ".join(f"{a} -> {b:.0f}" for a, b in fc) or "none"
+            print(f"| {name} s{seed} | {tr[0] if tr else '-'} | {win} | {peak} | {shown} |")
     return out
+
+
+def _trajectory_alerts() -> Any:
+    from shockmon import ShockMonitor
+
+    return ShockMonitor(print_summary=False, tracker_kwargs={"trajectory_alerts": True})._make_tracker()
 
 
 if __name__ == "__main__":
