@@ -276,6 +276,21 @@ def test_overhead_advice_names_a_stride_that_meets_the_threshold(hook_ms, read_m
     assert quiet is not None and f"span {16 * k} steps, so" in quiet and "instability" not in quiet
 
 
+def test_overhead_advice_is_given_the_instability_tests_span_from_the_monitors_tracker():
+    monitor = ShockMonitor(tracker_kwargs={"growth_window": 10})
+    monitor._tracker = monitor._make_tracker()
+    assert monitor._growth_updates() == 30  # 3 windows: the fit and the history it must stand out of
+    off = ShockMonitor(tracker_kwargs={"growth": 0})
+    off._tracker = off._make_tracker()
+    assert off._growth_updates() == 0
+
+    class Minimal:  # a tracker from an overridden _make_tracker need not have the growth test
+        window = 16
+
+    monitor._tracker = Minimal()
+    assert monitor._growth_updates() == 0
+
+
 def test_overhead_advice_also_thins_the_log_steps_when_their_reads_take_much():
     # 2 ms of hooks on a 1.6 ms step, 0.5 ms of them reads (31 %): no stride alone gets under 10 %
     advice = overhead_advice(0.2, 0.36, 100, 1, 0.1, read_s=0.05, log_every=50)

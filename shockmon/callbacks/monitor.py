@@ -713,11 +713,12 @@ class ShockMonitor(Callback):
                 rank_zero_warn(advice)
 
     def _growth_updates(self) -> int:
-        """The observations the tracker's instability test spans (0 when it is off), for the overhead advice."""
+        """The observations the tracker's instability test spans (0 when it is off, or for a tracker from an
+        overridden :meth:`_make_tracker` that has none), for the overhead advice."""
         from shockmon.tracker import _GROWTH_HISTORY
 
-        t = self._tracker
-        return _GROWTH_HISTORY * t.growth_window if t is not None and t.growth > 0 else 0
+        window, growth = getattr(self._tracker, "growth_window", None), getattr(self._tracker, "growth", 0)
+        return _GROWTH_HISTORY * window if isinstance(window, int) and isinstance(growth, float) and growth > 0 else 0
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._observer is not None and self._values_step > self._last_read_step:
