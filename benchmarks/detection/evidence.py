@@ -41,11 +41,17 @@ from benchmarks.detection.cases import all_cases
 from benchmarks.detection.record import Recording, replay
 
 
+def displacements(rec: Recording) -> np.ndarray:
+    """The units' displacement between successive tracker updates, ``(T - 1, every tracked coordinate of every
+    group)``."""
+    x = np.concatenate([u.reshape(u.shape[0], -1) for u in rec.units.values()], 1).astype(np.float64)
+    return np.diff(x, axis=0)
+
+
 def motion_cosines(rec: Recording) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, cos)``: the cosine between the units' successive displacements, at each feed step from the
-    third on (every tracked coordinate of every group, concatenated)."""
-    x = np.concatenate([u.reshape(u.shape[0], -1) for u in rec.units.values()], 1).astype(np.float64)
-    d = np.diff(x, axis=0)
+    third on."""
+    d = displacements(rec)
     num = (d[1:] * d[:-1]).sum(1)
     den = np.sqrt((d[1:] * d[1:]).sum(1) * (d[:-1] * d[:-1]).sum(1))
     cos = np.divide(num, den, out=np.ones_like(num), where=den > 0)  # a unit that did not move: no reversal
@@ -120,8 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         if rec is None:
             continue
         (tr,) = cases["catapult"].transitions(rec)
-        x = np.concatenate([u.reshape(u.shape[0], -1) for u in rec.units.values()], 1).astype(np.float64)
-        sl = np.linalg.norm(np.diff(x, axis=0), axis=1)
+        sl = np.linalg.norm(displacements(rec), axis=1)
         i = int(np.searchsorted(rec.steps, tr))  # the peak's index in the per-step series
         j = int(np.searchsorted(rec.feed_steps, tr))  # ... and among the tracker's updates
         row = {"seed": seed, "transition": tr, "loss_growth": float(rec.loss[i] / rec.loss[0]),
