@@ -4,14 +4,19 @@
 
 - :class:`RescaleChain` — Linear/Conv layers joined by positively homogeneous maps (ReLU, LeakyReLU, PReLU with one
   slope, Identity, Dropout, pooling, Flatten): each hidden unit can be rescaled by ``a > 0`` on its incoming weights
-  and bias and by ``1/a`` on its outgoing weights. Found in ``nn.Sequential`` (nesting flattened) and in the
-  feed-forward block of ``nn.TransformerEncoderLayer``/``DecoderLayer`` with a ReLU activation.
+  and bias and by ``1/a`` on its outgoing weights. Found in ``nn.Sequential`` and in the
+  feed-forward block of ``nn.TransformerEncoderLayer``/``DecoderLayer`` with a ReLU activation. A Sequential nested
+  directly in another is flattened into it; one inside another kind of module (a residual block's MLP) is walked on
+  its own.
 - :class:`NormScaleSpec` — a weight whose output feeds a normalisation layer (directly or through positively
   homogeneous maps) only matters through its direction: per row before BatchNorm/InstanceNorm, per channel group
   before GroupNorm, as a whole (bias included) before LayerNorm/RMSNorm.
 - :class:`AttentionSpec` — per head, ``W_Q -> A W_Q``, ``W_K -> A^-T W_K`` and ``W_V -> B W_V``,
   ``W_O -> W_O B^-1`` with ``A, B`` in GL(d_head), plus permutation of heads: ``nn.MultiheadAttention`` (packed or
   separate projections) and the attention of ``nn.Transformer*Layer``.
+
+A parameter tied to another module (an unembedding sharing the token embedding) takes part in no symmetry found:
+acting on it would change the other module's function too. It gets raw observables, and a warning names it.
 
 Custom modules are declared with :class:`Rescaling`, :class:`AttentionHeads` and :class:`NormScale`, in Python or
 YAML (see ``configs/``). Parameters may be named with a row slice, ``"blocks.0.qkv.weight[0:64]"``.
@@ -530,7 +535,8 @@ class SymmetryReport:
         attentions: multi-head attention blocks.
         parameters: names of all trainable parameters, in model order.
         covered: parameter name -> the families that cover it.
-        warnings: the messages emitted (at most one per model: nothing found).
+        warnings: the messages emitted: parameters tied between modules, left raw (a symmetry of one module would
+            change the other's function); nothing found.
     """
 
     chains: list[RescaleChain] = field(default_factory=list)
@@ -624,8 +630,10 @@ def _leaves(prefix: str, seq: nn.Sequential) -> list[tuple[str, nn.Module]]:
 class _ChainBuilder:
     """Walks the leaves of one (flattened) nn.Sequential and emits chains and norm-scale specs."""
 
-    def __init__(self, report: SymmetryReport) -> None:
+    def __init__(self, report: SymmetryReport, tied: Mapping[str, list[str]] | None = None) -> None:
         self.report = report
+        self.tied = tied or {}  # parameter name -> the names it also has in other modules
+        self.dropped: list[str] = []  # tied parameters a layer or a norm's affine was left out of chains for
         self.layers: list[ChainLayer] = []
         self.last_channels = 0  # output channels of the last layer
         self.flattened = False
@@ -647,7 +655,18 @@ class _ChainBuilder:
         self.layers, self.open, self.flattened = [], False, False
         self.links, self.link = [], "rescale"
 
+    def _shared(self, path: str, m: nn.Module) -> bool:
+        """Whether ``m``'s weight or bias is also a parameter of another module (tied): a rescaling or a norm scale
+        acting on it would change that module's function too, so ``m`` takes no part in a symmetry."""
+        names = [_ref(path, a).name for a in ("weight", "bias") if isinstance(getattr(m, a, None), nn.Parameter)]
+        hit = [n for n in names if n in self.tied]
+        self.dropped.extend(hit)
+        return bool(hit)
+
     def layer(self, path: str, m: nn.Module) -> None:
+        if self._shared(path, m):  # a tied layer ends the chain before it and starts none
+            self.close()
+            return
         kind = "conv" if isinstance(m, _CONV) else "linear"
         in_blocks = 1
         if self.open and self.layers:
@@ -677,7 +696,9 @@ class _ChainBuilder:
 
     def norm(self, path: str, m: nn.Module) -> None:
         per, groups, n_features = self._norm_kind(m)
-        if self.open and self.layers and per is not None and n_features == self.last_channels:
+        # only positively homogeneous maps may stand between the layer and the norm: a scale does not pass a GELU
+        through = self.link == "rescale"
+        if self.open and self.layers and per is not None and n_features == self.last_channels and through:
             last = self.layers[-1]
             if last.kind != "diag" and not (per == "tensor" and last.kind == "conv"):
                 spec = NormScaleSpec(
@@ -701,7 +722,7 @@ class _ChainBuilder:
             self.close()
         # the norm's own per-channel affine starts a new chain
         w = getattr(m, "weight", None)
-        if isinstance(w, torch.Tensor) and w.dim() == 1 and n_features:
+        if isinstance(w, torch.Tensor) and w.dim() == 1 and n_features and not self._shared(path, m):
             b = getattr(m, "bias", None)
             bias = _ref(path, "bias") if isinstance(b, torch.Tensor) else None
             self.layers = [ChainLayer(path, _ref(path, "weight"), bias, "diag")]
@@ -794,11 +815,20 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
         )
     report = SymmetryReport(model_name=type(model).__name__)
     report.parameters = [n for n, p in named.items() if p.requires_grad]
+    tied = _tied(model)
+    dropped: list[str] = []
+
+    def shared(refs: Iterable[ParamRef | None]) -> bool:
+        hit = [r.name for r in refs if r is not None and r.name in tied]
+        dropped.extend(hit)
+        return bool(hit)
 
     # Transformer layers and attention
     for path, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
             spec = _mha_spec(path, m)
+            if shared((spec.q, spec.k, spec.v, spec.o, spec.q_bias, spec.k_bias, spec.v_bias)):
+                continue
             report.attentions.append(spec)
             for ref in (spec.q, spec.k, spec.v, spec.o, spec.q_bias, spec.v_bias):
                 report._cover(ref, "attention")
@@ -808,16 +838,24 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
             p1, p2 = f"{path}.linear1" if path else "linear1", f"{path}.linear2" if path else "linear2"
             l1 = ChainLayer(p1, _ref(p1, "weight"), _ref(p1, "bias") if m.linear1.bias is not None else None)
             l2 = ChainLayer(p2, _ref(p2, "weight"), _ref(p2, "bias") if m.linear2.bias is not None else None)
+            if shared((l1.weight, l1.bias, l2.weight, l2.bias)):
+                continue
             report.chains.append(RescaleChain(p1, (l1, l2), families=(ffn,) if ffn == "permute" else ()))
             for ref in (l1.weight, l1.bias, l2.weight):
                 report._cover(ref, ffn)
 
-    # nn.Sequential chains (outermost Sequentials only; nested ones are flattened into them)
-    walked: list[str] = []
+    # nn.Sequential chains: a Sequential directly inside another is flattened into it; one inside another kind of
+    # module (a residual block's MLP, in a Sequential of blocks) is walked on its own
+    flat: set[str] = set()
     for path, m in model.named_modules():
-        if isinstance(m, nn.Sequential) and not any(path.startswith(w + ".") or w == "" for w in walked):
-            walked.append(path)
-            _ChainBuilder(report).walk(_leaves(path, m))
+        if not isinstance(m, nn.Sequential):
+            continue
+        flat.add(path)
+        if path and path.rpartition(".")[0] in flat:
+            continue
+        builder = _ChainBuilder(report, tied)
+        builder.walk(_leaves(path, m))
+        dropped.extend(builder.dropped)
 
     # explicit declarations
     if extra is not None:
@@ -850,6 +888,15 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
                 report._cover(spec.bias, "normscale")
 
     _check_unique(report)
+    if dropped:
+        pairs = ", ".join(f"{n} (also {', '.join(tied[n])})" for n in dict.fromkeys(dropped))
+        msg = (
+            f"shockmon: parameters shared between modules get raw observables only: {pairs}. A symmetry of one "
+            "module acting on a tied parameter would change the other's function; if it holds for both, declare it "
+            "with shockmon.discover(model, extra=[...])."
+        )
+        report.warnings.append(msg)
+        warnings.warn(msg, UserWarning, stacklevel=2)
     if report.is_empty:
         msg = (
             f"shockmon: no symmetry found in {report.model_name}: searched for {_SEARCHED}. Only raw observables will "
@@ -858,6 +905,27 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
         report.warnings.append(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
     return report
+
+
+def _tied(model: nn.Module) -> dict[str, list[str]]:
+    """Parameters held by more than one module (weight tying), by each of their names -> their other names.
+
+    A module used twice (the same object at two paths) shares its parameters with itself: that is not a tie, and
+    its names are not listed.
+    """
+    owners: dict[int, set[int]] = {}
+    names: dict[int, list[str]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(mod))
+                names.setdefault(id(p), []).append(f"{path}.{attr}" if path else attr)
+    out: dict[str, list[str]] = {}
+    for pid, ns in names.items():
+        if len(owners[pid]) > 1:
+            for n in ns:
+                out[n] = [o for o in ns if o != n]
+    return out
 
 
 def _check_unique(report: SymmetryReport) -> None:

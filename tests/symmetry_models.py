@@ -173,3 +173,45 @@ def attention_gauge(
         for t in (q, k, v) + tuple(x for x in (qb, kb, vb) if x is not None):
             t.copy_(t[idx].clone())
         o.copy_(o[:, idx].clone())
+
+
+@torch.no_grad()
+def act_on_report(model: nn.Module, report, g: torch.Generator) -> None:  # type: ignore[no-untyped-def]
+    """Apply, in place, a random element of every symmetry group that ``report`` claims for ``model``.
+
+    Parameters are resolved by their module path (``get_parameter``), so a weight tied to another module is changed
+    wherever it is used: a claim that ignores the tie changes the function, which is what the tests look for.
+    """
+
+    def get(ref):  # type: ignore[no-untyped-def]
+        t = model.get_parameter(ref.name)
+        return t if ref.start is None and ref.stop is None else t[ref.start : ref.stop]
+
+    for chain in report.chains:
+        for grp in chain.groups():
+            lay, nxt = chain.layers[grp.index], chain.layers[grp.index + 1]
+            w_in, w_out = get(lay.weight), get(nxt.weight)
+            n = w_in.shape[0]
+            a = rand_scales(n, g).to(w_in.dtype) if grp.family == "rescale" else torch.ones(n, dtype=w_in.dtype)
+            # a norm's affine reads its own normalised channel: its units can be rescaled, not permuted
+            perm = torch.arange(n) if lay.kind == "diag" else torch.randperm(n, generator=g)
+            rows = [w_in] + ([get(lay.bias)] if lay.bias is not None else [])
+            for t in rows:
+                t.mul_(a.view((-1,) + (1,) * (t.dim() - 1)))
+                t.copy_(t[perm].clone())
+            cols = w_out.view(w_out.shape[0], n, nxt.in_blocks, *w_out.shape[2:])
+            cols.div_(a.view((1, -1) + (1,) * (cols.dim() - 2)))
+            cols.copy_(cols[:, perm].clone())
+    for spec in report.norm_scales:
+        w = get(spec.weight)
+        parts = w.shape[0] if spec.per == "row" else spec.groups if spec.per == "group" else 1
+        c = rand_scales(parts, g).to(w.dtype).repeat_interleave(w.shape[0] // parts)
+        for t in [w] + ([get(spec.bias)] if spec.bias is not None else []):
+            t.mul_(c.view((-1,) + (1,) * (t.dim() - 1)))
+    for att in report.attentions:
+        refs = (att.q_bias, att.k_bias, att.v_bias)
+        attention_gauge(
+            get(att.q), get(att.k), get(att.v), get(att.o), att.num_heads, g,
+            *(get(r) if r is not None else None for r in refs),
+            perm=torch.randperm(att.num_heads, generator=g),
+        )  # fmt: skip

@@ -5,11 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from symmetry_models import FusedBlock, cnn, mlp, transformer_layer
+from symmetry_models import FusedBlock, act_on_report, cnn, mlp, transformer_layer
 from torch import nn
 
 import shockmon
@@ -90,6 +91,121 @@ def test_discover_layernorm_after_linear_is_tensor_scale() -> None:
     )
     assert [(n.name, n.per) for n in r.norm_scales] == [("2", "tensor")]
     assert [(c.name, c.end_norm) for c in r.chains] == [("0", "tensor"), ("3", "none")]
+
+
+class _Residual(nn.Module):
+    """``x + mlp(x)``: a block whose MLP is an nn.Sequential inside a module that is not one."""
+
+    def __init__(self, d: int = 6, act: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), act(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(x)
+
+
+def _tied_pair() -> nn.Module:
+    a, b = nn.Linear(6, 6), nn.Linear(6, 6)
+    b.weight = a.weight  # the same matrix read twice, in two roles
+    return nn.Sequential(a, nn.ReLU(), b)
+
+
+class _TiedLM(nn.Module):
+    """Token embedding tied to the last layer of a ReLU MLP (the unembedding), as language models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.body = nn.Sequential(
+            nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 10, bias=False)
+        )
+        self.body[4].weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.emb(x))
+
+
+def _reused_block() -> nn.Module:
+    block = _Residual()
+    return nn.Sequential(block, nn.ReLU(), block)  # one module applied twice: its symmetry holds at both uses
+
+
+_ZOO = {
+    # name: (model, input, the rescale/permute groups discovery must report)
+    "mlp": (mlp, lambda: torch.randn(5, 6), ["0", "2.0"]),
+    "cnn": (cnn, lambda: torch.randn(4, 3, 8, 8), ["1", "4", "7"]),
+    "transformer-layer": (lambda: transformer_layer().eval(), lambda: torch.randn(2, 5, 16), ["linear1"]),
+    "gelu-then-layernorm": (
+        lambda: nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.LayerNorm(8), nn.Linear(8, 2)),
+        lambda: torch.randn(5, 4),
+        ["2"],
+    ),
+    "silu-then-batchnorm": (
+        lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.SiLU(), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 3)),
+        lambda: torch.randn(4, 3, 8, 8),
+        ["2"],
+    ),
+    "relu-then-groupnorm": (
+        lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.GroupNorm(2, 8), nn.Conv2d(8, 2, 3)),
+        lambda: torch.randn(4, 3, 8, 8),
+        ["2"],
+    ),
+    "sequential-of-residual-blocks": (
+        lambda: nn.Sequential(_Residual(), _Residual(act=nn.GELU), nn.Linear(6, 2)),
+        lambda: torch.randn(5, 6),
+        ["0.mlp.0", "1.mlp.0"],
+    ),
+    "tied-in-two-roles": (_tied_pair, lambda: torch.randn(5, 6), []),
+    "tied-unembedding": (_TiedLM, lambda: torch.randint(0, 10, (7,)), ["body.0"]),
+    "module-used-twice": (_reused_block, lambda: torch.randn(5, 6), ["0.mlp.0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(_ZOO))
+def test_every_symmetry_discovery_claims_leaves_the_function_unchanged(case: str) -> None:
+    """A random element of every group in the report, applied to the model at once, leaves its output unchanged;
+    models where an activation stands between a layer and its norm, or where a weight is tied to another module,
+    had claims that did not (a norm scale through a GELU, a rescaling of a tied matrix)."""
+    make, inp, groups = _ZOO[case]
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = make().double()
+    for mod in model.modules():
+        if hasattr(mod, "eps"):
+            mod.eps = 1e-12  # the norm scale symmetry is exact only while eps is negligible
+    x = inp()
+    x = x.double() if x.is_floating_point() else x
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = discover(model)
+    assert [g.name for g in report.rescale_groups()] == groups
+    y = model(x)
+    act_on_report(model, report, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(x), y, rtol=1e-9, atol=1e-9)
+    # the check has teeth: a generic change of the parameters (1e-4 relative noise) moves the output past it
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 1e-4 * torch.randn_like(p))
+    assert not torch.allclose(model(x), y, rtol=1e-9, atol=1e-9)
+
+
+def test_discover_leaves_tied_parameters_raw_and_says_which() -> None:
+    with pytest.warns(UserWarning, match=r"shared between modules get raw observables only: body\.4\.weight \(also "
+                      r"emb\.weight\)"):
+        r = discover(_TiedLM())
+    assert [c.name for c in r.chains] == ["body.0"] and r.uncovered == ["emb.weight"]
+    assert len(r.warnings) == 1 and "declare it" in r.warnings[0]
+    with pytest.warns(UserWarning) as rec:
+        e = discover(_tied_pair())
+    assert [str(w.message).split(":")[1].strip().split(" ")[0] for w in rec] == ["parameters", "no"]
+    assert e.is_empty and e.uncovered == ["0.weight", "0.bias", "2.bias"]
+    # no activation between the layer and its norm but a GELU: no norm scale, the layer stays raw
+    g = discover(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.LayerNorm(8), nn.Linear(8, 2)))
+    assert g.norm_scales == [] and g.uncovered == ["0.weight", "0.bias"]
+    # a module used twice shares its parameters with itself only: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [c.name for c in discover(_reused_block()).chains] == ["0.mlp.0"]
 
 
 def test_discover_declarations_python_and_yaml(tmp_path: Path) -> None:
