@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = [
     "AttentionHeads",
@@ -535,8 +536,8 @@ class SymmetryReport:
         attentions: multi-head attention blocks.
         parameters: names of all trainable parameters, in model order.
         covered: parameter name -> the families that cover it.
-        warnings: the messages emitted: parameters tied between modules, left raw (a symmetry of one module would
-            change the other's function); nothing found.
+        warnings: the messages emitted: parameters tied between modules and modules with a parametrization, left
+            raw; nothing found.
     """
 
     chains: list[RescaleChain] = field(default_factory=list)
@@ -634,6 +635,7 @@ class _ChainBuilder:
         self.report = report
         self.tied = tied or {}  # parameter name -> the names it also has in other modules
         self.dropped: list[str] = []  # tied parameters a layer or a norm's affine was left out of chains for
+        self.parametrized: list[str] = []  # modules left out because a parametrization computes their weights
         self.layers: list[ChainLayer] = []
         self.last_channels = 0  # output channels of the last layer
         self.flattened = False
@@ -743,7 +745,10 @@ class _ChainBuilder:
 
     def walk(self, leaves: Iterable[tuple[str, nn.Module]]) -> None:
         for path, m in leaves:
-            if _is_layer(m):
+            if parametrize.is_parametrized(m):  # weight_norm, spectral_norm, ...: `weight` is not a parameter
+                self.parametrized.append(path)
+                self.close()
+            elif _is_layer(m):
                 self.layer(path, m)
             elif isinstance(m, (*_BATCHNORM, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)):
                 self.norm(path, m)
@@ -817,6 +822,7 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
     report.parameters = [n for n, p in named.items() if p.requires_grad]
     tied = _tied(model)
     dropped: list[str] = []
+    parametrized: list[str] = []
 
     def shared(refs: Iterable[ParamRef | None]) -> bool:
         hit = [r.name for r in refs if r is not None and r.name in tied]
@@ -826,6 +832,9 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
     # Transformer layers and attention
     for path, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
+            if parametrize.is_parametrized(m) or parametrize.is_parametrized(m.out_proj):
+                parametrized.append(path or "model")
+                continue
             spec = _mha_spec(path, m)
             if shared((spec.q, spec.k, spec.v, spec.o, spec.q_bias, spec.k_bias, spec.v_bias)):
                 continue
@@ -838,6 +847,9 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
             p1, p2 = f"{path}.linear1" if path else "linear1", f"{path}.linear2" if path else "linear2"
             l1 = ChainLayer(p1, _ref(p1, "weight"), _ref(p1, "bias") if m.linear1.bias is not None else None)
             l2 = ChainLayer(p2, _ref(p2, "weight"), _ref(p2, "bias") if m.linear2.bias is not None else None)
+            if parametrize.is_parametrized(m.linear1) or parametrize.is_parametrized(m.linear2):
+                parametrized.append(p1)
+                continue
             if shared((l1.weight, l1.bias, l2.weight, l2.bias)):
                 continue
             report.chains.append(RescaleChain(p1, (l1, l2), families=(ffn,) if ffn == "permute" else ()))
@@ -856,6 +868,7 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
         builder = _ChainBuilder(report, tied)
         builder.walk(_leaves(path, m))
         dropped.extend(builder.dropped)
+        parametrized.extend(builder.parametrized)
 
     # explicit declarations
     if extra is not None:
@@ -894,6 +907,14 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
             f"shockmon: parameters shared between modules get raw observables only: {pairs}. A symmetry of one "
             "module acting on a tied parameter would change the other's function; if it holds for both, declare it "
             "with shockmon.discover(model, extra=[...])."
+        )
+        report.warnings.append(msg)
+        warnings.warn(msg, UserWarning, stacklevel=2)
+    if parametrized:
+        msg = (
+            "shockmon: modules with a parametrization (weight_norm, spectral_norm, ...) get raw observables only: "
+            f"{', '.join(parametrized)}. Their weight is computed from other parameters, on which a rescaling or a "
+            "norm scale acts differently."
         )
         report.warnings.append(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)

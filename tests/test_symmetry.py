@@ -12,6 +12,7 @@ import pytest
 import torch
 from symmetry_models import FusedBlock, act_on_report, cnn, mlp, transformer_layer
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 import shockmon
 from shockmon import AttentionHeads, NormScale, Rescaling, discover
@@ -158,6 +159,14 @@ _ZOO = {
     "tied-in-two-roles": (_tied_pair, lambda: torch.randn(5, 6), []),
     "tied-unembedding": (_TiedLM, lambda: torch.randint(0, 10, (7,)), ["body.0"]),
     "module-used-twice": (_reused_block, lambda: torch.randn(5, 6), ["0.mlp.0"]),
+    "weight-norm-layer": (
+        lambda: nn.Sequential(
+            nn.Linear(4, 6), nn.ReLU(), weight_norm(nn.Linear(6, 6)), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(),
+            nn.Linear(5, 2),
+        ),
+        lambda: torch.randn(5, 4),
+        ["4"],
+    ),
 }
 
 
@@ -189,7 +198,7 @@ def test_every_symmetry_discovery_claims_leaves_the_function_unchanged(case: str
     assert not torch.allclose(model(x), y, rtol=1e-9, atol=1e-9)
 
 
-def test_discover_leaves_tied_parameters_raw_and_says_which() -> None:
+def test_discover_leaves_tied_and_parametrized_weights_raw_and_says_which() -> None:
     with pytest.warns(UserWarning, match=r"shared between modules get raw observables only: body\.4\.weight \(also "
                       r"emb\.weight\)"):
         r = discover(_TiedLM())
@@ -202,6 +211,14 @@ def test_discover_leaves_tied_parameters_raw_and_says_which() -> None:
     # no activation between the layer and its norm but a GELU: no norm scale, the layer stays raw
     g = discover(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.LayerNorm(8), nn.Linear(8, 2)))
     assert g.norm_scales == [] and g.uncovered == ["0.weight", "0.bias"]
+    # a parametrized layer (its weight is computed, not a parameter) is left raw: it used to crash the observer
+    m = nn.Sequential(weight_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.warns(UserWarning) as rec:
+        obs = shockmon.Observer(m)
+    assert [str(w.message).split(":")[1].strip().split(" ")[0] for w in rec] == ["modules", "no"]
+    assert "parametrization (weight_norm, spectral_norm, ...) get raw observables only: 0." in str(rec[0].message)
+    assert obs.report.is_empty and "0.parametrizations.weight.original0" in obs.report.uncovered
+    assert torch.isfinite(obs.compute()["raw/0.parametrizations.weight.original1"])
     # a module used twice shares its parameters with itself only: no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
