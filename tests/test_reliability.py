@@ -259,6 +259,32 @@ def test_reliability_model_with_only_frozen_parameters_is_observed_and_followed_
     assert seen == [(5, False), (10, True), (15, True)]  # gradient observables once something trains
 
 
+class LazyMLP(TinyMLP):
+    """``nn.LazyLinear`` first layer (its shape is known after the first forward pass); ``unused`` adds a lazy head
+    that the forward pass never reaches."""
+
+    def __init__(self, unused: bool = False) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+        if unused:
+            self.spare = nn.LazyLinear(3)
+
+
+@pytest.mark.parametrize("unused", [False, True], ids=["lazy", "lazy-never-run"])
+def test_reliability_lazy_modules_are_observed_once_their_first_forward_gave_them_shapes(tmp_path, unused):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor = _fit(tmp_path, LazyMLP(unused), max_steps=12)  # built at fit start, this was a ValueError from torch
+    ours = _ours(caught)
+    if unused:  # the lazy head never gets a shape: one warning that names it, and nothing observed
+        assert sum("still not initialised at optimizer step 1: spare.weight, spare.bias" in m for m in ours) == 1
+        assert monitor.observer is None and monitor.num_observations == 0
+    else:
+        assert not ours and monitor.num_observations == 12
+        assert [g.name for g in monitor.observer.report.rescale_groups()] == ["net.0"]
+        assert "shockmon/quotient/rescale/net.0/path_norm" in monitor.last_metrics
+
+
 def _add_head(m: TinyMLP) -> None:
     m.head2 = nn.Linear(4, 2)
     m.trainer.optimizers[0].add_param_group({"params": list(m.head2.parameters())})

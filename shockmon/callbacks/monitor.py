@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from shockmon.callbacks import snapshots
@@ -56,6 +57,11 @@ STATE_VERSION = 1
 
 #: ``(name, id, shape, dtype, device, requires_grad)`` of every parameter: host metadata, read without a sync
 ParamSignature = tuple[tuple[str, int, tuple[int, ...], Any, Any, bool], ...]
+
+
+def _lazy_parameters(module: Any) -> list[str]:
+    """Names of the parameters of lazy modules that are not initialised yet (no shape until a forward pass)."""
+    return [n for n, p in module.named_parameters() if is_lazy(p)]
 
 
 def _param_signature(module: Any) -> ParamSignature:
@@ -426,6 +432,8 @@ class ShockMonitor(Callback):
         self._last_read_step = -1
         self._last_hist_step = -1
         self._layout_written = False
+        self._lazy_wait = False  # lazy parameters at fit start: the observer is built after the first forward
+        self._lazy_warned = False
         self._observations = 0
         self._events: deque[ShockEvent] = deque(maxlen=self.max_events)
         self._alerts = 0
@@ -506,7 +514,7 @@ class ShockMonitor(Callback):
     # ------------------------------------------------------------- read-only
     @property
     def observer(self) -> Observer | None:
-        """The observer (built at fit start)."""
+        """The observer (built at fit start; with lazy modules, after the first forward pass gave them shapes)."""
         return self._observer
 
     @property
@@ -613,6 +621,18 @@ class ShockMonitor(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Built here, not in setup: `configure_model` and the strategy (device move, sharding) have run.
+        lazy = _lazy_parameters(pl_module)
+        if lazy:  # LazyLinear & co.: shapes are known after the first forward pass, the observer is built then
+            rank_zero_info(
+                f"ShockMonitor: {len(lazy)} parameters are not initialised yet (lazy modules: {', '.join(lazy[:4])}"
+                f"{', ...' if len(lazy) > 4 else ''}); the observer is built after the first forward pass."
+            )
+            self._lazy_wait = True
+            return
+        self._build_observer(trainer, pl_module)
+
+    def _build_observer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._lazy_wait = False
         self._observer = self._make_observer(pl_module)
         self._param_signature = _param_signature(pl_module)
         if not any(e[5] for e in self._param_signature):
@@ -645,6 +665,8 @@ class ShockMonitor(Callback):
         self._cost_hooks += time.perf_counter() - t0
 
     def _before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._lazy_wait and not trainer.sanity_checking:
+            self._build_when_initialised(trainer, pl_module)
         if self._observer is None or trainer.sanity_checking:
             return
         if (trainer.global_step + 1) % self.every_n_steps != 0:
@@ -674,6 +696,8 @@ class ShockMonitor(Callback):
     def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """The batch-end work; whether this batch ended an optimizer step."""
         step = trainer.global_step
+        if self._lazy_wait and step != self._last_step:  # manual optimisation may skip on_before_optimizer_step
+            self._build_when_initialised(trainer, pl_module)
         if self._observer is None or step == self._last_step:
             return False  # not an optimizer step (accumulating, or the step was skipped)
         self._last_step = step
@@ -765,6 +789,20 @@ class ShockMonitor(Callback):
             raise MisconfigurationException(
                 f"ShockMonitor cannot write TensorBoard event files to {', '.join(problems)}: expected a writable"
                 " directory; give the TensorBoardLogger another `save_dir`."
+            )
+
+    def _build_when_initialised(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the observer once no parameter is lazy any more (host metadata only); say so once if some still
+        are after the first optimizer step (a lazy module the forward pass never reached is never observed)."""
+        lazy = _lazy_parameters(pl_module)
+        if not lazy:
+            self._build_observer(trainer, pl_module)
+        elif not self._lazy_warned:
+            self._lazy_warned = True
+            rank_zero_warn(
+                f"ShockMonitor: parameters still not initialised at optimizer step {trainer.global_step + 1}: "
+                f"{', '.join(lazy[:6])}{', ...' if len(lazy) > 6 else ''}. Nothing is observed until every lazy "
+                "module has run a forward pass (or initialise them before fit, e.g. in `setup`)."
             )
 
     def _follow_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
