@@ -3,7 +3,8 @@
 :func:`discover` walks a model and returns a :class:`SymmetryReport` of specs, one per symmetry group:
 
 - :class:`RescaleChain` — Linear/Conv layers joined by positively homogeneous maps (ReLU, LeakyReLU, PReLU with one
-  slope, Identity, Dropout, pooling, Flatten): each hidden unit can be rescaled by ``a > 0`` on its incoming weights
+  slope, Identity, Dropout, Flatten, pooling over space: after a conv or a 2-D/3-D norm, not after a Linear, whose
+  units it would pool across): each hidden unit can be rescaled by ``a > 0`` on its incoming weights
   and bias and by ``1/a`` on its outgoing weights. Found in ``nn.Sequential`` and in the
   feed-forward block of ``nn.TransformerEncoderLayer``/``DecoderLayer`` with a ReLU activation. A Sequential nested
   directly in another is flattened into it; one inside another kind of module (a residual block's MLP) is walked on
@@ -111,6 +112,8 @@ _ELEMENTWISE_FN = (
     torch.nn.functional.mish,
 )
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_POOLING = tuple(c for c in _POS_HOMOGENEOUS if "Pool" in c.__name__)
+_SPATIAL_NORMS = (nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _ROWSLICE = re.compile(r"^(?P<name>[^\[\]]+?)(\[(?P<a>\d*):(?P<b>\d*)\])?$")
 
@@ -638,6 +641,9 @@ class _ChainBuilder:
         self.parametrized: list[str] = []  # modules left out because a parametrization computes their weights
         self.layers: list[ChainLayer] = []
         self.last_channels = 0  # output channels of the last layer
+        # whether the units of the last layer sit in dimension 1 before spatial ones (conv, BatchNorm2d, ...): pooling
+        # then runs over space; after a Linear (units in the last dimension) it would pool across units
+        self.spatial = False
         self.flattened = False
         self.open = False  # only elementwise maps since the last layer
         self.links: list[str] = []  # the family of each hidden layer so far
@@ -693,6 +699,7 @@ class _ChainBuilder:
         bias = _ref(path, "bias") if getattr(m, "bias", None) is not None else None
         self.layers.append(ChainLayer(path, _ref(path, "weight"), bias, kind, in_blocks))  # type: ignore[arg-type]
         self.last_channels = m.out_channels if kind == "conv" else m.out_features
+        self.spatial = kind == "conv"
         self.open, self.flattened = True, False
         self.link = "rescale"
 
@@ -729,6 +736,9 @@ class _ChainBuilder:
             bias = _ref(path, "bias") if isinstance(b, torch.Tensor) else None
             self.layers = [ChainLayer(path, _ref(path, "weight"), bias, "diag")]
             self.last_channels = w.shape[0]
+            # BatchNorm1d and GroupNorm may read (N, C) as well as (N, C, L): only the 2-D and 3-D norms are
+            # surely spatial
+            self.spatial = isinstance(m, _SPATIAL_NORMS)
             self.open, self.flattened = True, False
             self.links, self.link = [], "rescale"
 
@@ -752,6 +762,8 @@ class _ChainBuilder:
                 self.layer(path, m)
             elif isinstance(m, (*_BATCHNORM, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)):
                 self.norm(path, m)
+            elif isinstance(m, _POOLING) and self.open and not self.spatial:
+                self.close()  # pooling over the last dimension mixes a Linear's units (max over neighbours)
             elif _is_pos_homogeneous(m):
                 if isinstance(m, nn.Flatten):
                     self.flattened = True

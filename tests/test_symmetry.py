@@ -159,6 +159,19 @@ _ZOO = {
     "tied-in-two-roles": (_tied_pair, lambda: torch.randn(5, 6), []),
     "tied-unembedding": (_TiedLM, lambda: torch.randint(0, 10, (7,)), ["body.0"]),
     "module-used-twice": (_reused_block, lambda: torch.randn(5, 6), ["0.mlp.0"]),
+    "pooling-across-a-linears-units": (
+        lambda: nn.Sequential(
+            nn.Linear(4, 8), nn.ReLU(), nn.MaxPool1d(3, 1, 1), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(),
+            nn.AvgPool1d(3, 1, 1), nn.Linear(6, 2),
+        ),
+        lambda: torch.randn(5, 4),
+        [],
+    ),
+    "pooling-over-space": (
+        lambda: nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.MaxPool1d(3, 1, 1), nn.Conv1d(8, 2, 3)),
+        lambda: torch.randn(5, 3, 9),
+        ["0"],
+    ),
     "weight-norm-layer": (
         lambda: nn.Sequential(
             nn.Linear(4, 6), nn.ReLU(), weight_norm(nn.Linear(6, 6)), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(),
