@@ -115,7 +115,8 @@ def path_masses(
         h = h_nobias + b if b is not None else h_nobias
         ins.append(h)
     o = end = _end_weights(h, h_nobias, end_norm, end_groups)
-    path_norm_sq = (h * o).sum()
+    # before a per-row norm (BatchNorm) the last bias is a pure gauge: any value gives the same function
+    path_norm_sq = ((h_nobias if end_norm == "row" else h) * o).sum()
     masses: list[torch.Tensor] = [h] * (len(sq_ops) - 1)
     for k in range(len(sq_ops) - 1, 0, -1):
         o = sq_ops[k].t() @ o
@@ -384,9 +385,9 @@ def chain_rounds(
             zz = z[:, r0:r1] @ sq[bk]  # type: ignore[index]
             if bk == m:
                 zz = torch.cat([zz, signed_last(e)])  # type: ignore[arg-type]
-                parts.append(
+                parts.append(  # the last bias's paths; before a per-row norm that bias is a pure gauge: none
                     (sqb[m] * e[r0:r1]).sum()[None]
-                    if sqb[m] is not None  # type: ignore[index]
+                    if sqb[m] is not None and end_norm != "row"  # type: ignore[index]
                     else torch.zeros(1, dtype=dtype, device=device)
                 )
                 tags.append("bias_paths")

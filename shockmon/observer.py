@@ -6,7 +6,9 @@ Keys of :meth:`Observer.compute`:
     per hidden layer of a rescaling chain: ``path_mass/sorted`` (per-unit path masses, ascending), ``path_mass_total``,
     ``path_mass_max``, ``path_mass_median``, ``path_mass_participation`` (``(Σπ)²/(nΣπ²)``), ``direction_coherence``
     (mean squared cosine between the units' balanced directions, from their projections), and per chain
-    ``path_norm`` (ℓ2 path norm).
+    ``path_norm`` (ℓ2 path norm; for a chain whose output feeds a normalisation, normalised by it like the masses,
+    which leaves it constant: the square root of the number of normalised rows or groups, as that norm's scale
+    symmetry allows nothing else; before a per-row norm the last bias, a pure gauge, is left out).
 ``quotient/permute/<layer>/...``
     the same for the hidden layers reached through an activation without a rescaling symmetry (GELU, SiLU, Tanh, ...):
     invariant under permutations of their units (and under the rescaling of any ``rescale`` layer of the same chain);

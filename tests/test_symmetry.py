@@ -202,8 +202,15 @@ def test_every_symmetry_discovery_claims_leaves_the_function_unchanged(case: str
         report = discover(model)
     assert [g.name for g in report.rescale_groups()] == groups
     y = model(x)
+    before = shockmon.Observer(model, report=report).compute(spectra=True)
     act_on_report(model, report, torch.Generator().manual_seed(1))
     torch.testing.assert_close(model(x), y, rtol=1e-9, atol=1e-9)
+    # and every quotient value the observer computes from these groups is unchanged too
+    after = shockmon.Observer(model, report=report).compute(spectra=True)
+    quotient = [k for k in before if k.startswith("quotient/")]
+    assert len(quotient) >= 4 * len(groups)
+    for k in quotient:
+        torch.testing.assert_close(after[k], before[k], rtol=1e-7, atol=1e-10, msg=k)
     # the check has teeth: a generic change of the parameters (1e-4 relative noise) moves the output past it
     with torch.no_grad():
         for p in model.parameters():
