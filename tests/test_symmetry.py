@@ -126,6 +126,18 @@ class _TiedLM(nn.Module):
         return self.body(self.emb(x))
 
 
+class _Decoder(nn.Module):
+    """A pre-norm GELU decoder layer attending to the first 3 positions of its own input (two attention blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerDecoderLayer(16, 4, 24, dropout=0.0, batch_first=True, norm_first=True)
+        self.layer.activation = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, x[:, :3])
+
+
 def _reused_block() -> nn.Module:
     block = _Residual()
     return nn.Sequential(block, nn.ReLU(), block)  # one module applied twice: its symmetry holds at both uses
@@ -155,6 +167,9 @@ _ZOO = {
         lambda: nn.Sequential(_Residual(), _Residual(act=nn.GELU), nn.Linear(6, 2)),
         lambda: torch.randn(5, 6),
         ["0.mlp.0", "1.mlp.0"],
+    ),
+    "transformer-decoder-layer": (
+        lambda: _Decoder(), lambda: torch.randn(2, 5, 16), ["layer.linear1"]
     ),
     "tied-in-two-roles": (_tied_pair, lambda: torch.randn(5, 6), []),
     "tied-unembedding": (_TiedLM, lambda: torch.randint(0, 10, (7,)), ["body.0"]),
@@ -202,15 +217,22 @@ def test_every_symmetry_discovery_claims_leaves_the_function_unchanged(case: str
         report = discover(model)
     assert [g.name for g in report.rescale_groups()] == groups
     y = model(x)
-    before = shockmon.Observer(model, report=report).compute(spectra=True)
+    obs = shockmon.Observer(model, report=report)
+    before, units = obs.compute(spectra=True), obs.units()
     act_on_report(model, report, torch.Generator().manual_seed(1))
     torch.testing.assert_close(model(x), y, rtol=1e-9, atol=1e-9)
-    # and every quotient value the observer computes from these groups is unchanged too
-    after = shockmon.Observer(model, report=report).compute(spectra=True)
+    # and every quotient value the observer computes from these groups is unchanged too; the units' coordinates are
+    # the same set (permuted with the units)
+    obs = shockmon.Observer(model, report=report)
+    after, units_after = obs.compute(spectra=True), obs.units()
     quotient = [k for k in before if k.startswith("quotient/")]
     assert len(quotient) >= 4 * len(groups)
     for k in quotient:
         torch.testing.assert_close(after[k], before[k], rtol=1e-7, atol=1e-10, msg=k)
+    assert units_after.keys() == units.keys()
+    for k, u in units.items():
+        order, order_after = u[:, 0].argsort(), units_after[k][:, 0].argsort()
+        torch.testing.assert_close(units_after[k][order_after], u[order], rtol=1e-7, atol=1e-9, msg=k)
     # the check has teeth: a generic change of the parameters (1e-4 relative noise) moves the output past it
     with torch.no_grad():
         for p in model.parameters():
