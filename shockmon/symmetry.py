@@ -5,10 +5,8 @@
 - :class:`RescaleChain` — Linear/Conv layers joined by positively homogeneous maps (ReLU, LeakyReLU, PReLU with one
   slope, Identity, Dropout, Flatten, pooling over space: after a conv or a 2-D/3-D norm, not after a Linear, whose
   units it would pool across): each hidden unit can be rescaled by ``a > 0`` on its incoming weights
-  and bias and by ``1/a`` on its outgoing weights. Found in ``nn.Sequential`` and in the
-  feed-forward block of ``nn.TransformerEncoderLayer``/``DecoderLayer`` with a ReLU activation. A Sequential nested
-  directly in another is flattened into it; one inside another kind of module (a residual block's MLP) is walked on
-  its own.
+  and bias and by ``1/a`` on its outgoing weights. Found along the model's dataflow and in the feed-forward block
+  of ``nn.TransformerEncoderLayer``/``DecoderLayer``.
 - :class:`NormScaleSpec` — a weight whose output feeds a normalisation layer (directly or through positively
   homogeneous maps) only matters through its direction: per row before BatchNorm/InstanceNorm, per channel group
   before GroupNorm, as a whole (bias included) before LayerNorm/RMSNorm.
@@ -16,8 +14,17 @@
   ``W_O -> W_O B^-1`` with ``A, B`` in GL(d_head), plus permutation of heads: ``nn.MultiheadAttention`` (packed or
   separate projections) and the attention of ``nn.Transformer*Layer``.
 
+**The dataflow.** Chains and norm scales are found on the straight paths of a ``torch.fx`` trace of the model
+(:mod:`shockmon._dataflow`): each output read by one consumer only, which reads nothing else. So a custom block
+written with attributes and functional activations (ResNet's ``relu(bn1(conv1(x)))``, nanoGPT's
+``c_proj(gelu(c_fc(ln(x))))``) is found as an ``nn.Sequential`` is, and a residual sum, a module called twice, or a
+weight also read outside its module ends the path there. A module that does not trace (control flow on a tensor
+value) is searched child by child; an ``nn.Sequential`` that does not trace is walked in its order. A subclass of a
+``torch.nn`` layer that overrides ``forward`` (a LoRA Linear) is not taken for its base class.
+
 A parameter tied to another module (an unembedding sharing the token embedding) takes part in no symmetry found:
-acting on it would change the other module's function too. It gets raw observables, and a warning names it.
+acting on it would change the other module's function too. It gets raw observables, and a warning names it. What a
+declaration covers is not also found: declarations take precedence.
 
 Custom modules are declared with :class:`Rescaling`, :class:`AttentionHeads` and :class:`NormScale`, in Python or
 YAML (see ``configs/``). Parameters may be named with a row slice, ``"blocks.0.qkv.weight[0:64]"``.
@@ -44,6 +51,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from shockmon import _dataflow
 
 __all__ = [
     "AttentionHeads",
@@ -118,10 +127,10 @@ _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d,
 _ROWSLICE = re.compile(r"^(?P<name>[^\[\]]+?)(\[(?P<a>\d*):(?P<b>\d*)\])?$")
 
 _SEARCHED = (
-    "positive rescaling (Linear/Conv -> ReLU-like -> Linear/Conv in nn.Sequential and in ReLU Transformer feed-forward "
-    "blocks), permutation of hidden units (the same with GELU/SiLU/Tanh/... activations), normalisation scale "
-    "(weights feeding BatchNorm/GroupNorm/LayerNorm/RMSNorm in nn.Sequential), attention "
-    "heads (nn.MultiheadAttention, nn.TransformerEncoderLayer/DecoderLayer)"
+    "positive rescaling (Linear/Conv -> ReLU-like -> Linear/Conv along the model's dataflow, traced by torch.fx or in "
+    "nn.Sequential order, and in ReLU Transformer feed-forward blocks), permutation of hidden units (the same with "
+    "GELU/SiLU/Tanh/... activations), normalisation scale (weights feeding BatchNorm/GroupNorm/LayerNorm/RMSNorm), "
+    "attention heads (nn.MultiheadAttention, nn.TransformerEncoderLayer/DecoderLayer)"
 )
 
 
@@ -634,9 +643,12 @@ def _leaves(prefix: str, seq: nn.Sequential) -> list[tuple[str, nn.Module]]:
 class _ChainBuilder:
     """Walks the leaves of one (flattened) nn.Sequential and emits chains and norm-scale specs."""
 
-    def __init__(self, report: SymmetryReport, tied: Mapping[str, list[str]] | None = None) -> None:
+    def __init__(
+        self, report: SymmetryReport, tied: Mapping[str, list[str]] | None = None, reserved: set[str] | None = None
+    ) -> None:
         self.report = report
         self.tied = tied or {}  # parameter name -> the names it also has in other modules
+        self.reserved = reserved or set()  # parameters a declaration acts on: what is declared is not also found
         self.dropped: list[str] = []  # tied parameters a layer or a norm's affine was left out of chains for
         self.parametrized: list[str] = []  # modules left out because a parametrization computes their weights
         self.layers: list[ChainLayer] = []
@@ -669,7 +681,7 @@ class _ChainBuilder:
         names = [_ref(path, a).name for a in ("weight", "bias") if isinstance(getattr(m, a, None), nn.Parameter)]
         hit = [n for n in names if n in self.tied]
         self.dropped.extend(hit)
-        return bool(hit)
+        return bool(hit) or any(n in self.reserved for n in names)
 
     def layer(self, path: str, m: nn.Module) -> None:
         if self._shared(path, m):  # a tied layer ends the chain before it and starts none
@@ -758,6 +770,8 @@ class _ChainBuilder:
             if parametrize.is_parametrized(m):  # weight_norm, spectral_norm, ...: `weight` is not a parameter
                 self.parametrized.append(path)
                 self.close()
+            elif not _dataflow.plain(m):  # not a torch.nn module, or one whose forward is overridden
+                self.close()
             elif _is_layer(m):
                 self.layer(path, m)
             elif isinstance(m, (*_BATCHNORM, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)):
@@ -837,9 +851,29 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
     parametrized: list[str] = []
 
     def shared(refs: Iterable[ParamRef | None]) -> bool:
-        hit = [r.name for r in refs if r is not None and r.name in tied]
+        """Whether a found spec must be left out: it acts on a tied parameter, or on a declared one."""
+        names = [r.name for r in refs if r is not None]
+        hit = [n for n in names if n in tied]
         dropped.extend(hit)
-        return bool(hit)
+        return bool(hit) or any(n in reserved for n in names)
+
+    # explicit declarations: parsed first, they take precedence over what discovery finds on the same parameters
+    declared: list[RescaleChain | AttentionSpec | NormScaleSpec] = []
+    if extra is not None:
+        if not isinstance(extra, (str, Path, Sequence)):
+            raise TypeError(
+                "Expected argument `extra` to be a list of declarations, a YAML path or None, but got "
+                f"{type(extra).__name__}"
+            )
+        decls = load_declarations(extra) if isinstance(extra, (str, Path)) else list(extra)
+        for i, d in enumerate(decls):
+            if not isinstance(d, (Rescaling, AttentionHeads, NormScale)):
+                raise TypeError(
+                    f"Expected argument `extra[{i}]` to be a Rescaling, AttentionHeads or NormScale declaration, "
+                    f"but got {type(d).__name__}"
+                )
+            declared.append(d.to_spec(named))
+    reserved = {r.name for spec in declared for r in _spec_refs(spec)}
 
     # Transformer layers and attention
     for path, m in model.named_modules():
@@ -868,49 +902,48 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
             for ref in (l1.weight, l1.bias, l2.weight):
                 report._cover(ref, ffn)
 
-    # nn.Sequential chains: a Sequential directly inside another is flattened into it; one inside another kind of
-    # module (a residual block's MLP, in a Sequential of blocks) is walked on its own
-    flat: set[str] = set()
-    for path, m in model.named_modules():
-        if not isinstance(m, nn.Sequential):
-            continue
-        flat.add(path)
-        if path and path.rpartition(".")[0] in flat:
-            continue
-        builder = _ChainBuilder(report, tied)
-        builder.walk(_leaves(path, m))
+    # chains and norm scales along the dataflow: straight paths of a torch.fx trace; a module that does not trace
+    # is split into its children, and an nn.Sequential among them that does not trace either is walked in its order
+    def walk(leaves: Iterable[tuple[str, nn.Module]]) -> None:
+        builder = _ChainBuilder(report, tied, reserved)
+        builder.walk(leaves)
         dropped.extend(builder.dropped)
         parametrized.extend(builder.parametrized)
 
-    # explicit declarations
-    if extra is not None:
-        if not isinstance(extra, (str, Path, Sequence)):
-            raise TypeError(
-                "Expected argument `extra` to be a list of declarations, a YAML path or None, but got "
-                f"{type(extra).__name__}"
-            )
-        decls = load_declarations(extra) if isinstance(extra, (str, Path)) else list(extra)
-        for i, d in enumerate(decls):
-            if not isinstance(d, (Rescaling, AttentionHeads, NormScale)):
-                raise TypeError(
-                    f"Expected argument `extra[{i}]` to be a Rescaling, AttentionHeads or NormScale declaration, "
-                    f"but got {type(d).__name__}"
-                )
-            spec = d.to_spec(named)
-            if isinstance(spec, RescaleChain):
-                report.chains.append(spec)
-                for lay in spec.layers:
-                    report._cover(lay.weight, "rescale")
-                    report._cover(lay.bias, "rescale")
-            elif isinstance(spec, AttentionSpec):
-                report.attentions.append(spec)
-                for ref in (spec.q, spec.k, spec.v, spec.o, spec.q_bias, spec.v_bias):
-                    report._cover(ref, "attention")
-                report._cover(spec.k_bias, "attention (gauge)")
-            else:
-                report.norm_scales.append(spec)
-                report._cover(spec.weight, "normscale")
-                report._cover(spec.bias, "normscale")
+    def visit(module: nn.Module, path: str) -> None:
+        paths = _dataflow.straight_paths(module, path)
+        if paths is not None:
+            for leaves in paths:
+                walk(leaves)
+            return
+        children: Iterable[tuple[str, nn.Module]] = module.named_children()
+        if isinstance(module, nn.Sequential):
+            leaves = _leaves(path, module)
+            walk(leaves)
+            children = [(p, m) for p, m in leaves if not _dataflow.is_leaf(m)]
+        else:
+            children = [(f"{path}.{n}" if path else n, m) for n, m in children]
+        for p, m in children:
+            if not _dataflow.is_leaf(m):
+                visit(m, p)
+
+    visit(model, "")
+
+    for spec in declared:
+        if isinstance(spec, RescaleChain):
+            report.chains.append(spec)
+            for lay in spec.layers:
+                report._cover(lay.weight, "rescale")
+                report._cover(lay.bias, "rescale")
+        elif isinstance(spec, AttentionSpec):
+            report.attentions.append(spec)
+            for ref in (spec.q, spec.k, spec.v, spec.o, spec.q_bias, spec.v_bias):
+                report._cover(ref, "attention")
+            report._cover(spec.k_bias, "attention (gauge)")
+        else:
+            report.norm_scales.append(spec)
+            report._cover(spec.weight, "normscale")
+            report._cover(spec.bias, "normscale")
 
     _check_unique(report)
     if dropped:
@@ -938,6 +971,17 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
         report.warnings.append(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
     return report
+
+
+def _spec_refs(spec: RescaleChain | AttentionSpec | NormScaleSpec) -> list[ParamRef]:
+    """Every parameter reference of a spec."""
+    if isinstance(spec, RescaleChain):
+        refs = [r for lay in spec.layers for r in (lay.weight, lay.bias)]
+    elif isinstance(spec, AttentionSpec):
+        refs = [spec.q, spec.k, spec.v, spec.o, spec.q_bias, spec.k_bias, spec.v_bias]
+    else:
+        refs = [spec.weight, spec.bias]
+    return [r for r in refs if r is not None]
 
 
 def _tied(model: nn.Module) -> dict[str, list[str]]:

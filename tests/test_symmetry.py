@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from symmetry_models import FusedBlock, act_on_report, cnn, mlp, transformer_layer
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
@@ -138,6 +139,81 @@ class _Decoder(nn.Module):
         return self.layer(x, x[:, :3])
 
 
+class _BasicBlock(nn.Module):
+    """ResNet's basic block, written as torchvision does: attributes and a residual sum, no nn.Sequential."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + x)
+
+
+class _TinyResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.block1, self.block2 = _BasicBlock(8), _BasicBlock(8)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.block1(F.relu(self.bn(self.stem(x)))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class _GPTBlock(nn.Module):
+    """Pre-norm residual MLP as nanoGPT writes it: ``x + c_proj(gelu(c_fc(ln(x))))``."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.ln, self.c_fc, self.c_proj = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.c_proj(F.gelu(self.c_fc(self.ln(x))))
+
+
+class _Functional(nn.Module):
+    """Activations as functions and tensor methods; ``read_weight`` also reads ``fc3.weight`` outside ``fc3``."""
+
+    def __init__(self, read_weight: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 2)
+        self.read_weight = read_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(F.relu(self.fc1(x)), 0.0, self.training)
+        out = self.fc3(self.fc2(x).relu())
+        return out + self.fc3.weight.sum() if self.read_weight else out
+
+
+class _LoRALinear(nn.Linear):
+    """A Linear with a low-rank path added in ``forward``: rescaling its rows alone changes its output."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__(i, o)
+        self.a, self.b = nn.Parameter(torch.randn(2, i)), nn.Parameter(torch.randn(o, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + x @ self.a.t() @ self.b.t()
+
+
+class _Branchy(nn.Module):
+    """Control flow on a tensor value: it does not trace, so its children are searched one by one (also those held
+    in a ModuleList)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.blocks = nn.ModuleList([_Residual(4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.seq(x) if x.sum() > 0 else -self.seq(x)
+        return self.blocks[0](x)
+
+
 def _reused_block() -> nn.Module:
     block = _Residual()
     return nn.Sequential(block, nn.ReLU(), block)  # one module applied twice: its symmetry holds at both uses
@@ -173,7 +249,8 @@ _ZOO = {
     ),
     "tied-in-two-roles": (_tied_pair, lambda: torch.randn(5, 6), []),
     "tied-unembedding": (_TiedLM, lambda: torch.randint(0, 10, (7,)), ["body.0"]),
-    "module-used-twice": (_reused_block, lambda: torch.randn(5, 6), ["0.mlp.0"]),
+    # called twice, the block's symmetry does hold at both uses, but a module called twice ends every path
+    "module-used-twice": (_reused_block, lambda: torch.randn(5, 6), []),
     "pooling-across-a-linears-units": (
         lambda: nn.Sequential(
             nn.Linear(4, 8), nn.ReLU(), nn.MaxPool1d(3, 1, 1), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(),
@@ -187,6 +264,20 @@ _ZOO = {
         lambda: torch.randn(5, 3, 9),
         ["0"],
     ),
+    "resnet-blocks": (_TinyResNet, lambda: torch.randn(4, 3, 6, 6), ["block1.bn1", "block2.bn1"]),
+    "nanogpt-mlp-blocks": (
+        lambda: nn.Sequential(_GPTBlock(), _GPTBlock()),
+        lambda: torch.randn(2, 5, 6),
+        ["0.ln", "0.c_fc", "1.ln", "1.c_fc"],
+    ),
+    "functional-activations": (_Functional, lambda: torch.randn(5, 4), ["fc1", "fc2"]),
+    "weight-read-outside-its-layer": (lambda: _Functional(read_weight=True), lambda: torch.randn(5, 4), ["fc1"]),
+    "lora-linear": (
+        lambda: nn.Sequential(_LoRALinear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)),
+        lambda: torch.randn(5, 4),
+        ["2"],
+    ),
+    "untraceable-forward": (_Branchy, lambda: torch.randn(5, 4), ["seq.0", "blocks.0.mlp.0"]),
     "weight-norm-layer": (
         lambda: nn.Sequential(
             nn.Linear(4, 6), nn.ReLU(), weight_norm(nn.Linear(6, 6)), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(),
@@ -261,10 +352,46 @@ def test_discover_leaves_tied_and_parametrized_weights_raw_and_says_which() -> N
     assert "parametrization (weight_norm, spectral_norm, ...) get raw observables only: 0." in str(rec[0].message)
     assert obs.report.is_empty and "0.parametrizations.weight.original0" in obs.report.uncovered
     assert torch.isfinite(obs.compute()["raw/0.parametrizations.weight.original1"])
-    # a module used twice shares its parameters with itself only: no warning
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert [c.name for c in discover(_reused_block()).chains] == ["0.mlp.0"]
+    # a module used twice shares its parameters with itself only: not a tie (the one warning: nothing found)
+    with pytest.warns(UserWarning) as rec:
+        assert discover(_reused_block()).chains == []
+    assert len(rec) == 1 and "no symmetry found" in str(rec[0].message)
+
+
+class _Stateful(nn.Module):
+    """A forward that keeps what it computed and counts its calls: tracing it must not leave a proxy behind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.calls, self.seen = 0, [1]
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.seen.append(self.calls)
+        self.last = self.fc2(F.relu(self.fc1(x)))
+        return self.last
+
+
+def test_discover_traces_without_leaving_traces_and_declarations_take_precedence() -> None:
+    m = _Stateful()
+    r = discover(m)
+    assert [g.name for g in r.rescale_groups()] == ["fc1"]
+    assert (m.calls, m.seen, m.last) == (0, [1], None)  # the trace ran forward: its side effects are undone
+    assert m(torch.randn(3, 4)).shape == (3, 2) and m.calls == 1
+    # a module with a forward hook is not traced through (the hook would run on proxies: FSDP's unshards); its
+    # nn.Sequential children are still walked
+    calls: list[int] = []
+    hooked = _Branchy()
+    hooked.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    assert [g.name for g in discover(hooked).rescale_groups()] == ["seq.0", "blocks.0.mlp.0"] and calls == []
+    # a declaration on the same parameters replaces what is found there (no duplicate group, no error)
+    block = FusedBlock()
+    found = discover(block, extra=[FusedBlock.declarations()[0]])  # the attention only: the MLP is found
+    assert [(c.name, c.declared) for c in found.chains] == [("fc", False)]
+    both = discover(block, extra=FusedBlock.declarations())
+    assert [(c.name, c.declared) for c in both.chains] == [("fc", True)]
 
 
 def test_discover_declarations_python_and_yaml(tmp_path: Path) -> None:
