@@ -1,8 +1,9 @@
 """Straight dataflow paths of a model, read from a ``torch.fx`` trace, for symmetry discovery.
 
 A rescaling passes from one layer to the next only along a path that nothing else reads or writes: each step's
-output goes to one consumer, which reads nothing else. :func:`straight_paths` traces a module symbolically (no
-tensor is computed, no hook runs) and returns those paths as ``(module path, module)`` sequences, the form the chain
+output goes to one consumer, which reads nothing else (reading its shape, ``x.size()``, does not count).
+:func:`straight_paths` traces a module symbolically (no tensor is computed; a module with forward hooks is not
+traced, since they would run) and returns those paths as ``(module path, module)`` sequences, the form the chain
 builder of :mod:`shockmon.symmetry` walks for an ``nn.Sequential``: a Linear's output that also feeds a residual
 sum, a module called twice, a weight read outside its module -- each ends a path there. Functional activations
 (``F.relu``, ``x.relu()``, ``torch.flatten(x, 1)``, ...) are stood in for by their module form.
@@ -135,6 +136,15 @@ def _hooked(model: nn.Module, tracer: _Tracer) -> bool:
     )
 
 
+def _metadata(node: torch.fx.Node) -> bool:
+    """Whether ``node`` reads only its input's metadata (``x.size()``, ``x.dim()``, ``x.shape``, ``x.dtype``)."""
+    if node.op == "call_method" and node.target in ("size", "dim", "numel"):
+        return True
+    return node.op == "call_function" and node.target is getattr and node.args[1:2] in (
+        ("shape",), ("dtype",), ("device",), ("ndim",)
+    )
+
+
 def _function_module(node: torch.fx.Node) -> nn.Module:
     """The module form of a ``call_function``/``call_method`` node, or :data:`_OPAQUE`."""
     if node.op == "call_function" and node.target in _FUNCTIONS:
@@ -193,9 +203,10 @@ def straight_paths(model: nn.Module, prefix: str = "") -> list[Leaves] | None:
         return f"<{getattr(node.target, '__name__', node.target)}>", _function_module(node)
 
     def successor(node: torch.fx.Node) -> torch.fx.Node | None:
-        if len(node.users) != 1:
+        users = [u for u in node.users if not _metadata(u)]  # x.size(), x.shape: no value read
+        if len(users) != 1:
             return None
-        user = next(iter(node.users))
+        user = users[0]
         return user if user.all_input_nodes == [node] else None
 
     nxt = {node: successor(node) for node in graph.nodes}

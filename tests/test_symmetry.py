@@ -175,6 +175,25 @@ class _GPTBlock(nn.Module):
         return x + self.c_proj(F.gelu(self.c_fc(self.ln(x))))
 
 
+class _NanoGPTBlock(nn.Module):
+    """nanoGPT's block: fused QKV attention reading ``x.size()`` of its input, then the GELU MLP; both pre-norm."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.c_attn, self.attn_proj = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = _GPTBlock(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        b, t, c = h.size()
+        q, k, v = self.c_attn(h).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(y.transpose(1, 2).reshape(b, t, c))
+        return self.mlp(x)
+
+
 class _Functional(nn.Module):
     """Activations as functions and tensor methods; ``read_weight`` also reads ``fc3.weight`` outside ``fc3``."""
 
@@ -269,6 +288,11 @@ _ZOO = {
         lambda: nn.Sequential(_GPTBlock(), _GPTBlock()),
         lambda: torch.randn(2, 5, 6),
         ["0.ln", "0.c_fc", "1.ln", "1.c_fc"],
+    ),
+    "nanogpt-blocks": (
+        lambda: nn.Sequential(_NanoGPTBlock(), _NanoGPTBlock()),
+        lambda: torch.randn(2, 5, 8),
+        ["0.ln_1", "0.mlp.ln", "0.mlp.c_fc", "1.ln_1", "1.mlp.ln", "1.mlp.c_fc"],
     ),
     "functional-activations": (_Functional, lambda: torch.randn(5, 4), ["fc1", "fc2"]),
     "weight-read-outside-its-layer": (lambda: _Functional(read_weight=True), lambda: torch.randn(5, 4), ["fc1"]),
