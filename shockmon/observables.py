@@ -348,8 +348,8 @@ def chain_rounds(
         n_in = sq[m].shape[1]
         wv = wm.reshape(wm.shape[0], n_in, -1)  # (local out, n, r): kernel elements or flatten blocks
         pv = (e[r0:r1].sqrt()[:, None] * p_last.view(n_out, -1)[r0:r1]).view(wm.shape[0], wv.shape[2], -1)
-        if wv.shape[2] == 1:
-            return pv[:, 0, :].t() @ wm  # (q, n)
+        if wv.shape[2] == 1:  # a Linear, or a conv with a 1x1 kernel (a 4-D weight: use its (out, n) view)
+            return pv[:, 0, :].t() @ wv[:, :, 0]  # (q, n)
         return torch.einsum("onr,orq->qn", wv, pv)
 
     def start_backward(e: torch.Tensor) -> torch.Tensor:

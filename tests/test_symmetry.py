@@ -194,6 +194,36 @@ class _NanoGPTBlock(nn.Module):
         return self.mlp(x)
 
 
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand -> BN -> ReLU6 -> depthwise 3x3 -> BN -> ReLU6 -> 1x1 project -> BN, plus the
+    input; then a squeeze-excitation gate ``x * sigmoid(fc2(relu(fc1(pool(x)))))``."""
+
+    def __init__(self, c: int = 4, e: int = 8) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), nn.ReLU6(),
+            nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False), nn.BatchNorm2d(e), nn.ReLU6(),
+            nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c),
+        )  # fmt: skip
+        self.pool, self.fc1, self.fc2 = nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, 2, 1), nn.Conv2d(2, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.body(x)
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(self.pool(x)))))
+
+
+class _SwiGLU(nn.Module):
+    """LLaMA's MLP: ``w2(silu(w1(x)) * w3(x))``; its hidden units can be permuted, which is not claimed here."""
+
+    def __init__(self, d: int = 6, h: int = 10) -> None:
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
+        self.w2 = nn.Linear(h, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
 class _Functional(nn.Module):
     """Activations as functions and tensor methods; ``read_weight`` also reads ``fc3.weight`` outside ``fc3``."""
 
@@ -293,6 +323,12 @@ _ZOO = {
         lambda: nn.Sequential(_NanoGPTBlock(), _NanoGPTBlock()),
         lambda: torch.randn(2, 5, 8),
         ["0.ln_1", "0.mlp.ln", "0.mlp.c_fc", "1.ln_1", "1.mlp.ln", "1.mlp.c_fc"],
+    ),
+    "mobilenet-block-with-squeeze-excitation": (_InvertedResidual, lambda: torch.randn(3, 4, 5, 5), ["body.4", "fc1"]),
+    "swiglu-mlp": (_SwiGLU, lambda: torch.randn(5, 6), []),
+    # a chain ending in a 1x1 conv: the observer multiplied by its 4-D weight and raised a RuntimeError
+    "conv-chain-ending-in-a-1x1-conv": (
+        lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)), lambda: torch.randn(2, 3, 6, 6), ["0"]
     ),
     "functional-activations": (_Functional, lambda: torch.randn(5, 4), ["fc1", "fc2"]),
     "weight-read-outside-its-layer": (lambda: _Functional(read_weight=True), lambda: torch.randn(5, 4), ["fc1"]),
