@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 import torch.nn.functional as F
@@ -215,3 +216,66 @@ def act_on_report(model: nn.Module, report, g: torch.Generator) -> None:  # type
             *(get(r) if r is not None else None for r in refs),
             perm=torch.randperm(att.num_heads, generator=g),
         )  # fmt: skip
+
+
+class RandomDataflow(nn.Module):
+    """A random computation over width-``d`` features, for fuzzing discovery: Linear layers, norms, module and
+    functional activations, residual sums, products, concatenations, a Linear called twice, a weight read outside
+    its module, shape reads. Each op reads the previous value most of the time; the output sums the values nothing
+    else read, so every claimed group acts on something the output depends on.
+    """
+
+    KINDS = ("lin", "lin", "lin", "ln", "relu", "frelu", "gelu", "tanh", "add", "mul", "cat", "reuse", "size", "drop",
+             "wread")  # fmt: skip
+
+    def __init__(self, seed: int, d: int = 6) -> None:
+        super().__init__()
+        rng = random.Random(seed)
+        self.ops: list[tuple[str, int, int, int]] = []
+        self.mods = nn.ModuleDict()
+        for i in range(rng.randint(3, 12)):
+            kind = rng.choice(self.KINDS)
+            a = i if rng.random() < 0.7 else rng.randrange(i + 1)  # input value (0: the model's input)
+            b = rng.randrange(i + 1)
+            if kind == "lin":
+                self.mods[f"l{i}"] = nn.Linear(d, d, bias=rng.random() < 0.6)
+            elif kind == "ln":
+                self.mods[f"n{i}"] = nn.LayerNorm(d, eps=1e-12) if rng.random() < 0.5 else nn.RMSNorm(d, eps=1e-12)
+            elif kind == "relu":
+                self.mods[f"r{i}"] = nn.ReLU()
+            elif kind == "cat":
+                self.mods[f"c{i}"] = nn.Linear(2 * d, d)
+            self.ops.append((kind, a, b, i))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vals = [x]
+        lins = [k for k in self.mods if k.startswith("l")]
+        for kind, a, b, i in self.ops:
+            va, vb = vals[a], vals[b]
+            if kind == "lin":
+                v = self.mods[f"l{i}"](va)
+            elif kind in ("ln", "relu"):
+                v = self.mods[f"{'n' if kind == 'ln' else 'r'}{i}"](va)
+            elif kind == "frelu":
+                v = F.relu(va) if i % 2 else va.relu()
+            elif kind == "gelu":
+                v = F.gelu(va)
+            elif kind == "tanh":
+                v = torch.tanh(va)
+            elif kind == "add":
+                v = va + vb
+            elif kind == "mul":
+                v = va * vb
+            elif kind == "cat":
+                v = self.mods[f"c{i}"](torch.cat([va, vb], -1))
+            elif kind == "reuse":
+                v = self.mods[lins[i % len(lins)]](va) if lins else va
+            elif kind == "size":
+                v = va.view(va.size(0), -1)
+            elif kind == "drop":
+                v = F.dropout(va, 0.0, self.training)
+            else:  # "wread"
+                v = va + self.mods[lins[i % len(lins)]].weight.sum() if lins else va
+            vals.append(v)
+        used = {a for _, a, _, _ in self.ops} | {b for k, _, b, _ in self.ops if k in ("add", "mul", "cat")}
+        return sum(v.sum(-1) for j, v in enumerate(vals) if j not in used)

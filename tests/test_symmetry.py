@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from symmetry_models import FusedBlock, act_on_report, cnn, mlp, transformer_layer
+from symmetry_models import FusedBlock, RandomDataflow, act_on_report, cnn, mlp, transformer_layer
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -416,6 +416,31 @@ def test_discover_leaves_tied_and_parametrized_weights_raw_and_says_which() -> N
     with pytest.warns(UserWarning) as rec:
         assert discover(_reused_block()).chains == []
     assert len(rec) == 1 and "no symmetry found" in str(rec[0].message)
+
+
+def test_random_dataflow_graphs_get_only_claims_that_hold() -> None:
+    """400 random computations (residual sums, products, concatenations, a Linear called twice, a weight read outside
+    its module, functional activations, shape reads): every group discovery claims leaves the output and every
+    quotient value unchanged, and it claims some (paths through such graphs exist)."""
+    claimed = 0
+    for seed in range(400):
+        torch.manual_seed(seed)
+        model = RandomDataflow(seed).double()
+        if not list(model.parameters()):
+            continue
+        x = torch.randn(7, 6, dtype=torch.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = discover(model)
+        claimed += len(report.rows())
+        y, before = model(x), shockmon.Observer(model, report=report).compute(spectra=True)
+        act_on_report(model, report, torch.Generator().manual_seed(seed))
+        # 1e-5: a norm's eps (1e-12) is not negligible against the rare row whose mean square is ~1e-6
+        assert (model(x) - y).abs().max() <= 1e-5 * max(1.0, y.abs().max().item()), (seed, report.rows())
+        after = shockmon.Observer(model, report=report).compute(spectra=True)
+        for k in (k for k in before if k.startswith("quotient/")):
+            torch.testing.assert_close(after[k], before[k], rtol=1e-6, atol=1e-9, msg=f"{seed}: {k}")
+    assert claimed >= 80, claimed
 
 
 class _Stateful(nn.Module):
