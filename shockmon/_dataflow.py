@@ -199,7 +199,8 @@ def straight_paths(model: nn.Module, prefix: str = "") -> list[Leaves] | None:
             path = f"{prefix}.{target}" if prefix else target
             # a module called twice, or whose weights are also read outside it, takes no part in a symmetry
             ok = calls[node.target] == 1 and target not in read_directly
-            return path, modules[target] if ok else _OPAQUE
+            module = modules.get(target)  # None: a module forward created and tracing took back
+            return path, module if ok and module is not None else _OPAQUE
         return f"<{getattr(node.target, '__name__', node.target)}>", _function_module(node)
 
     def successor(node: torch.fx.Node) -> torch.fx.Node | None:
