@@ -5,7 +5,8 @@ output goes to one consumer, which reads nothing else (reading its shape, ``x.si
 :func:`straight_paths` traces a module symbolically (no tensor is computed; a module with forward hooks is not
 traced, since they would run) and returns those paths as ``(module path, module)`` sequences, the form the chain
 builder of :mod:`shockmon.symmetry` walks for an ``nn.Sequential``: a Linear's output that also feeds a residual
-sum, a module called twice, a weight read outside its module -- each ends a path there. Functional activations
+sum, or a weight read outside its module, ends a path there (a module called more than once is on one path per
+call: :func:`shockmon.symmetry.discover` keeps its symmetry only if all its calls agree). Functional activations
 (``F.relu``, ``x.relu()``, ``torch.flatten(x, 1)``, ...) are stood in for by their module form.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections import Counter
 from typing import Any
 
 import torch
@@ -23,11 +23,11 @@ from torch import nn
 Leaves = list[tuple[str, nn.Module]]
 
 
-class _Opaque(nn.Module):
+class Opaque(nn.Module):
     """Stands for a node no symmetry passes: the chain builder closes its chain there."""
 
 
-_OPAQUE = _Opaque()
+OPAQUE = Opaque()
 
 # functions and tensor methods with a module form the chain builder knows (their other arguments are constants)
 _FUNCTIONS: dict[Any, type[nn.Module]] = {
@@ -116,7 +116,7 @@ def _restore(snapshot: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]) -
         for k in [k for k in d if k not in attrs]:
             del d[k]
         for k, v in attrs.items():
-            if d.get(k, _OPAQUE) is not v:
+            if d.get(k, OPAQUE) is not v:
                 d[k] = v
             if k in contents and _changed(v, contents[k]):
                 v.clear()
@@ -146,7 +146,7 @@ def _metadata(node: torch.fx.Node) -> bool:
 
 
 def _function_module(node: torch.fx.Node) -> nn.Module:
-    """The module form of a ``call_function``/``call_method`` node, or :data:`_OPAQUE`."""
+    """The module form of a ``call_function``/``call_method`` node, or :data:`OPAQUE`."""
     if node.op == "call_function" and node.target in _FUNCTIONS:
         return _FUNCTIONS[node.target]()
     if node.op == "call_method" and node.target in _METHODS:
@@ -156,7 +156,7 @@ def _function_module(node: torch.fx.Node) -> nn.Module:
         end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
         if start == 1 and end == -1:
             return nn.Flatten()
-    return _OPAQUE
+    return OPAQUE
 
 
 def straight_paths(model: nn.Module, prefix: str = "") -> list[Leaves] | None:
@@ -190,17 +190,16 @@ def straight_paths(model: nn.Module, prefix: str = "") -> list[Leaves] | None:
     finally:
         _restore(snapshot)
     modules = dict(model.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     read_directly = {str(n.target).rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
 
     def leaf(node: torch.fx.Node) -> tuple[str, nn.Module]:
         if node.op == "call_module":
             target = str(node.target)
             path = f"{prefix}.{target}" if prefix else target
-            # a module called twice, or whose weights are also read outside it, takes no part in a symmetry
-            ok = calls[node.target] == 1 and target not in read_directly
+            # a module whose weights are also read outside it takes no part in a symmetry (one called more than
+            # once keeps one only if all its calls agree: the caller checks)
             module = modules.get(target)  # None: a module forward created and tracing took back
-            return path, module if ok and module is not None else _OPAQUE
+            return path, module if target not in read_directly and module is not None else OPAQUE
         return f"<{getattr(node.target, '__name__', node.target)}>", _function_module(node)
 
     def successor(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -219,7 +218,7 @@ def straight_paths(model: nn.Module, prefix: str = "") -> list[Leaves] | None:
         leaves: Leaves = []
         cur: torch.fx.Node | None = node
         while cur is not None:
-            leaves.append(leaf(cur) if cur.op in ("call_module", "call_function", "call_method") else ("", _OPAQUE))
+            leaves.append(leaf(cur) if cur.op in ("call_module", "call_function", "call_method") else ("", OPAQUE))
             cur = nxt[cur]
         paths.append(leaves)
     return paths

@@ -17,8 +17,9 @@
 **The dataflow.** Chains and norm scales are found on the straight paths of a ``torch.fx`` trace of the model
 (:mod:`shockmon._dataflow`): each output read by one consumer only, which reads nothing else. So a custom block
 written with attributes and functional activations (ResNet's ``relu(bn1(conv1(x)))``, nanoGPT's
-``c_proj(gelu(c_fc(ln(x))))``) is found as an ``nn.Sequential`` is, and a residual sum, a module called twice, or a
-weight also read outside its module ends the path there. A module that does not trace (control flow on a tensor
+``c_proj(gelu(c_fc(ln(x))))``) is found as an ``nn.Sequential`` is, and a residual sum or a weight also read outside
+its module ends the path there. A module called more than once (weights shared across depth) keeps a symmetry only
+if every call of it is in the same chain. A module that does not trace (control flow on a tensor
 value) is searched child by child; an ``nn.Sequential`` that does not trace is walked in its order. A subclass of a
 ``torch.nn`` layer that overrides ``forward`` (a LoRA Linear) is not taken for its base class.
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -904,17 +906,38 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
 
     # chains and norm scales along the dataflow: straight paths of a torch.fx trace; a module that does not trace
     # is split into its children, and an nn.Sequential among them that does not trace either is walked in its order
-    def walk(leaves: Iterable[tuple[str, nn.Module]]) -> None:
-        builder = _ChainBuilder(report, tied, reserved)
+    def walk(leaves: Iterable[tuple[str, nn.Module]], into: SymmetryReport = report) -> None:
+        builder = _ChainBuilder(into, tied, reserved)
         builder.walk(leaves)
-        dropped.extend(builder.dropped)
-        parametrized.extend(builder.parametrized)
+        if into is report:
+            dropped.extend(builder.dropped)
+            parametrized.extend(builder.parametrized)
+
+    def walk_paths(paths: list[_dataflow.Leaves]) -> None:
+        """The paths of one trace. A module called more than once (weights shared across depth) keeps a symmetry
+        only if every one of its calls is in the same chain (or norm scale): found once per call, identical."""
+        calls = Counter(p for leaves in paths for p, m in leaves if not isinstance(m, _dataflow.Opaque))
+        bad: set[str] = set()
+        while True:  # each round can only shorten chains: it ends
+            trial = SymmetryReport()
+            for leaves in paths:
+                walk([(p, _dataflow.OPAQUE if p in bad else m) for p, m in leaves], trial)
+            found = Counter([*trial.chains, *trial.norm_scales])
+            wrong = {p for spec, n in found.items() for p in _spec_layers(spec) if calls[p] != n} - bad
+            if not wrong:
+                break
+            bad |= wrong
+        before = (len(report.chains), len(report.norm_scales))
+        for leaves in paths:
+            walk([(p, _dataflow.OPAQUE if p in bad else m) for p, m in leaves])
+        # the same spec found at each call of a shared module: kept once
+        report.chains[before[0] :] = list(dict.fromkeys(report.chains[before[0] :]))
+        report.norm_scales[before[1] :] = list(dict.fromkeys(report.norm_scales[before[1] :]))
 
     def visit(module: nn.Module, path: str) -> None:
         paths = _dataflow.straight_paths(module, path)
         if paths is not None:
-            for leaves in paths:
-                walk(leaves)
+            walk_paths(paths)
             return
         children: Iterable[tuple[str, nn.Module]] = module.named_children()
         if isinstance(module, nn.Sequential):
@@ -971,6 +994,11 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
         report.warnings.append(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
     return report
+
+
+def _spec_layers(spec: RescaleChain | NormScaleSpec) -> list[str]:
+    """The module paths of the layers a found spec acts on."""
+    return [lay.path for lay in spec.layers] if isinstance(spec, RescaleChain) else [spec.name]
 
 
 def _spec_refs(spec: RescaleChain | AttentionSpec | NormScaleSpec) -> list[ParamRef]:

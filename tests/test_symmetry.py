@@ -263,6 +263,17 @@ class _Branchy(nn.Module):
         return self.blocks[0](x)
 
 
+class _SharedInTwoChains(nn.Module):
+    """One Linear feeding a different next layer at each of its two calls: no rescaling of its units holds for both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared, self.head_a, self.head_b = nn.Linear(6, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_a(F.relu(self.shared(x))) + self.head_b(F.relu(self.shared(-x)))
+
+
 def _reused_block() -> nn.Module:
     block = _Residual()
     return nn.Sequential(block, nn.ReLU(), block)  # one module applied twice: its symmetry holds at both uses
@@ -298,8 +309,8 @@ _ZOO = {
     ),
     "tied-in-two-roles": (_tied_pair, lambda: torch.randn(5, 6), []),
     "tied-unembedding": (_TiedLM, lambda: torch.randint(0, 10, (7,)), ["body.0"]),
-    # called twice, the block's symmetry does hold at both uses, but a module called twice ends every path
-    "module-used-twice": (_reused_block, lambda: torch.randn(5, 6), []),
+    # called twice, in the same chain each time: the block's symmetry holds at both uses
+    "module-used-twice": (_reused_block, lambda: torch.randn(5, 6), ["0.mlp.0"]),
     "pooling-across-a-linears-units": (
         lambda: nn.Sequential(
             nn.Linear(4, 8), nn.ReLU(), nn.MaxPool1d(3, 1, 1), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(),
@@ -338,6 +349,10 @@ _ZOO = {
         ["2"],
     ),
     "untraceable-forward": (_Branchy, lambda: torch.randn(5, 4), ["seq.0", "blocks.0.mlp.0"]),
+    "module-shared-by-two-chains": (_SharedInTwoChains, lambda: torch.randn(5, 6), []),
+    "module-twice-in-one-chain": (
+        lambda: (lambda lin: nn.Sequential(lin, nn.ReLU(), lin))(nn.Linear(6, 6)), lambda: torch.randn(5, 6), []
+    ),
     "weight-norm-layer": (
         lambda: nn.Sequential(
             nn.Linear(4, 6), nn.ReLU(), weight_norm(nn.Linear(6, 6)), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(),
@@ -412,10 +427,10 @@ def test_discover_leaves_tied_and_parametrized_weights_raw_and_says_which() -> N
     assert "parametrization (weight_norm, spectral_norm, ...) get raw observables only: 0." in str(rec[0].message)
     assert obs.report.is_empty and "0.parametrizations.weight.original0" in obs.report.uncovered
     assert torch.isfinite(obs.compute()["raw/0.parametrizations.weight.original1"])
-    # a module used twice shares its parameters with itself only: not a tie (the one warning: nothing found)
-    with pytest.warns(UserWarning) as rec:
-        assert discover(_reused_block()).chains == []
-    assert len(rec) == 1 and "no symmetry found" in str(rec[0].message)
+    # a module used twice shares its parameters with itself only: not a tie, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [c.name for c in discover(_reused_block()).chains] == ["0.mlp.0"]
 
 
 def test_random_dataflow_graphs_get_only_claims_that_hold() -> None:
