@@ -822,7 +822,8 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
     Args:
         model: the network.
         extra: explicit declarations (:class:`Rescaling`, :class:`AttentionHeads`, :class:`NormScale`), or a path to a
-            YAML file of them, for modules discovery cannot see (fused QKV attention, custom MLP blocks).
+            YAML file of them, for what discovery cannot see: fused QKV attention heads, blocks in a forward that
+            does not trace or behind forward hooks. They take precedence over what is found on the same parameters.
 
     Returns:
         A :class:`SymmetryReport`. When nothing is found, one warning says what was searched for; the model still gets
