@@ -2,8 +2,8 @@
 
 A rescaling passes from one layer to the next only along a path that nothing else reads or writes: each step's
 output goes to one consumer, which reads nothing else (reading its shape, ``x.size()``, does not count).
-:func:`straight_paths` traces a module symbolically (no tensor is computed; a module with forward hooks is not
-traced, since they would run) and returns those paths as ``(module path, module)`` sequences, the form the chain
+:func:`straight_paths` traces a module symbolically (no tensor is computed; forward hooks are off while it does)
+and returns those paths as ``(module path, module)`` sequences, the form the chain
 builder of :mod:`shockmon.symmetry` walks for an ``nn.Sequential``: a Linear's output that also feeds a residual
 sum, or a weight read outside its module, ends a path there (a module called more than once is on one path per
 call: :func:`shockmon.symmetry.discover` keeps its symmetry only if all its calls agree). Functional activations
@@ -12,8 +12,10 @@ call: :func:`shockmon.symmetry.discover` keeps its symmetry only if all its call
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -123,17 +125,36 @@ def _restore(snapshot: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]) -
                 v.update(contents[k]) if not isinstance(v, list) else v.extend(contents[k])
 
 
-def _hooked(model: nn.Module, tracer: _Tracer) -> bool:
-    """Whether tracing would run forward hooks: they run for every module traced through (not for leaves), and one
-    that acts (FSDP's pre-forward unshards and initialises its state) must not see symbolic proxies."""
+_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+@contextlib.contextmanager
+def _hooks_off(model: nn.Module) -> Iterator[None]:
+    """Forward hooks (a module's and the global ones) emptied, then refilled in place: tracing runs them for every
+    module it traces through, and one that acts (FSDP's pre-forward unshards, initialises its state) must not see
+    symbolic values. The dicts stay the same objects, so the hooks' handles stay valid."""
     from torch.nn.modules import module as mod
 
-    if mod._global_forward_pre_hooks or mod._global_forward_hooks:
-        return True
-    return any(
-        (m._forward_pre_hooks or m._forward_hooks) and (path == "" or not tracer.is_leaf_module(m, path))
-        for path, m in model.named_modules()
-    )
+    saved: list[tuple[dict[Any, Any], dict[Any, Any]]] = []
+    holders = [vars(m) for m in model.modules()] + [vars(mod)]
+    for d in holders:
+        for name in (*_HOOKS, *(f"_global{n}" for n in _HOOKS)):
+            hooks = d.get(name)
+            if isinstance(hooks, dict) and hooks:
+                saved.append((hooks, dict(hooks)))
+                hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, items in saved:
+            hooks.clear()
+            hooks.update(items)
 
 
 def _metadata(node: torch.fx.Node) -> bool:
@@ -161,8 +182,9 @@ def _function_module(node: torch.fx.Node) -> nn.Module:
 
 def straight_paths(model: nn.Module, prefix: str = "") -> list[Leaves] | None:
     """The straight paths of ``model``'s dataflow, each as ``(module path, module)`` leaves; ``None`` when the model
-    does not trace (data-dependent control flow, an unsupported signature, ...) or when tracing would run a forward
-    hook of one of its modules (FSDP's, for one): the caller then searches its children.
+    does not trace (data-dependent control flow, an unsupported signature, ...): the caller then searches its
+    children. Forward hooks are off while it traces (FSDP's would unshard), so a sharded model reads as the same
+    model unsharded.
 
     ``prefix`` is ``model``'s own path in the model discovery was given (module paths are prefixed with it).
 
@@ -178,17 +200,16 @@ def straight_paths(model: nn.Module, prefix: str = "") -> list[Leaves] | None:
         [['fc', '<relu>', 'proj']]
     """
     tracer = _Tracer()
-    if _hooked(model, tracer):
-        return None
-    snapshot = _snapshot(model)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            graph = tracer.trace(model)
-    except Exception:  # any failure to trace: the caller falls back to nn.Sequential order
-        return None
-    finally:
-        _restore(snapshot)
+    with _hooks_off(model):  # before the snapshot: _restore then leaves the emptied dicts alone
+        snapshot = _snapshot(model)
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                graph = tracer.trace(model)
+        except Exception:  # any failure to trace: the caller falls back to nn.Sequential order
+            return None
+        finally:
+            _restore(snapshot)
     modules = dict(model.named_modules())
     read_directly = {str(n.target).rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
 

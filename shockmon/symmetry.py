@@ -20,8 +20,9 @@ written with attributes and functional activations (ResNet's ``relu(bn1(conv1(x)
 ``c_proj(gelu(c_fc(ln(x))))``) is found as an ``nn.Sequential`` is, and a residual sum or a weight also read outside
 its module ends the path there. A module called more than once (weights shared across depth) keeps a symmetry only
 if every call of it is in the same chain. A module that does not trace (control flow on a tensor
-value) is searched child by child; an ``nn.Sequential`` that does not trace is walked in its order. A subclass of a
-``torch.nn`` layer that overrides ``forward`` (a LoRA Linear) is not taken for its base class.
+value) is searched child by child; an ``nn.Sequential`` that does not trace is walked in its order. Forward hooks are
+off while it traces, so FSDP2-sharded blocks read as the unsharded model. A subclass of a ``torch.nn`` layer that
+overrides ``forward`` (a LoRA Linear) is not taken for its base class.
 
 A parameter tied to another module (an unembedding sharing the token embedding) takes part in no symmetry found:
 acting on it would change the other module's function too. It gets raw observables, and a warning names it. What a
@@ -730,7 +731,7 @@ class _ChainBuilder:
                     None if per == "row" else last.bias,
                     per,  # type: ignore[arg-type]
                     groups,
-                    type(m).__name__,
+                    (_dataflow.torch_class(m) or type(m)).__name__,  # FSDP wraps BatchNorm2d as FSDPBatchNorm2d
                 )
                 self.report.norm_scales.append(spec)
                 self.report._cover(spec.weight, "normscale")
@@ -823,7 +824,7 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
         model: the network.
         extra: explicit declarations (:class:`Rescaling`, :class:`AttentionHeads`, :class:`NormScale`), or a path to a
             YAML file of them, for what discovery cannot see: fused QKV attention heads, blocks in a forward that
-            does not trace or behind forward hooks. They take precedence over what is found on the same parameters.
+            does not trace. They take precedence over what is found on the same parameters.
 
     Returns:
         A :class:`SymmetryReport`. When nothing is found, one warning says what was searched for; the model still gets

@@ -321,6 +321,25 @@ def _setup(strategy: Any) -> None:
     monitor.setup(trainer, None, "fit")  # type: ignore[arg-type]
 
 
+def test_discovery_of_fsdp2_sharded_custom_blocks_equals_unsharded() -> None:
+    """Tracing a model whose blocks are ``fully_shard``-ed runs their forward with FSDP's hooks off; discovery
+    reports the same groups as for the model unsharded, and the model still trains (one gloo process)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "discover_sharded.py")], env=env, capture_output=True, text=True,
+        timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [(r["model"], r["groups"] > 0, r["same"], r["trains"], r["finite"]) for r in rows] == [
+        ("nanogpt", True, True, True, True),
+        ("resnet", True, True, True, True),
+    ]
+
+
 def test_shock_monitor_refuses_deepspeed_at_setup() -> None:
     from lightning.pytorch.strategies import DeepSpeedStrategy
 

@@ -480,12 +480,16 @@ def test_discover_traces_without_leaving_traces_and_declarations_take_precedence
     assert [g.name for g in r.rescale_groups()] == ["fc1"]
     assert (m.calls, m.seen, m.last) == (0, [1], None)  # the trace ran forward: its side effects are undone
     assert m(torch.randn(3, 4)).shape == (3, 2) and m.calls == 1
-    # a module with a forward hook is not traced through (the hook would run on proxies: FSDP's unshards); its
-    # nn.Sequential children are still walked
+    # forward hooks are off while tracing (they would run on symbolic values: FSDP's unshards), then back on
     calls: list[int] = []
-    hooked = _Branchy()
-    hooked.register_forward_pre_hook(lambda mod, args: calls.append(1))
-    assert [g.name for g in discover(hooked).rescale_groups()] == ["seq.0", "blocks.0.mlp.0"] and calls == []
+    hooked = nn.Sequential(_GPTBlock())
+    hooked[0].register_forward_pre_hook(lambda mod, args: calls.append(1))
+    hooked.register_forward_hook(lambda mod, args, out: calls.append(2), always_call=True)
+    assert [g.name for g in discover(hooked).rescale_groups()] == ["0.ln", "0.c_fc"] and calls == []
+    hooked(torch.randn(2, 3, 6))
+    assert calls == [1, 2]
+    # and a model that does not trace is searched child by child, its nn.Sequential walked in order
+    assert [g.name for g in discover(_Branchy()).rescale_groups()] == ["seq.0", "blocks.0.mlp.0"]
     # a declaration on the same parameters replaces what is found there (no duplicate group, no error)
     block = FusedBlock()
     found = discover(block, extra=[FusedBlock.declarations()[0]])  # the attention only: the MLP is found
