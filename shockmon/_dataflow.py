@@ -88,7 +88,10 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 def is_leaf(m: nn.Module) -> bool:
     """Whether ``m`` is one node of a trace (a ``torch.nn`` module other than a container), not searched inside."""
-    return not isinstance(m, _CONTAINERS) and _Tracer().is_leaf_module(m, "")
+    return not isinstance(m, _CONTAINERS) and _LEAVES.is_leaf_module(m, "")
+
+
+_LEAVES = _Tracer()  # only asked which modules are leaves: it never traces
 
 
 def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]:

@@ -682,9 +682,7 @@ class _ChainBuilder:
         """Whether ``m``'s weight or bias is also a parameter of another module (tied): a rescaling or a norm scale
         acting on it would change that module's function too, so ``m`` takes no part in a symmetry."""
         names = [_ref(path, a).name for a in ("weight", "bias") if isinstance(getattr(m, a, None), nn.Parameter)]
-        hit = [n for n in names if n in self.tied]
-        self.dropped.extend(hit)
-        return bool(hit) or any(n in self.reserved for n in names)
+        return _left_out(names, self.tied, self.reserved, self.dropped)
 
     def layer(self, path: str, m: nn.Module) -> None:
         if self._shared(path, m):  # a tied layer ends the chain before it and starts none
@@ -855,11 +853,7 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
     parametrized: list[str] = []
 
     def shared(refs: Iterable[ParamRef | None]) -> bool:
-        """Whether a found spec must be left out: it acts on a tied parameter, or on a declared one."""
-        names = [r.name for r in refs if r is not None]
-        hit = [n for n in names if n in tied]
-        dropped.extend(hit)
-        return bool(hit) or any(n in reserved for n in names)
+        return _left_out([r.name for r in refs if r is not None], tied, reserved, dropped)
 
     # explicit declarations: parsed first, they take precedence over what discovery finds on the same parameters
     declared: list[RescaleChain | AttentionSpec | NormScaleSpec] = []
@@ -920,18 +914,21 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
         only if every one of its calls is in the same chain (or norm scale): found once per call, identical."""
         calls = Counter(p for leaves in paths for p, m in leaves if not isinstance(m, _dataflow.Opaque))
         bad: set[str] = set()
+
+        def walk_all(into: SymmetryReport) -> None:
+            for leaves in paths:
+                walk([(p, _dataflow.OPAQUE if p in bad else m) for p, m in leaves], into)
+
         while True:  # each round can only shorten chains: it ends
             trial = SymmetryReport()
-            for leaves in paths:
-                walk([(p, _dataflow.OPAQUE if p in bad else m) for p, m in leaves], trial)
+            walk_all(trial)
             found = Counter([*trial.chains, *trial.norm_scales])
             wrong = {p for spec, n in found.items() for p in _spec_layers(spec) if calls[p] != n} - bad
             if not wrong:
                 break
             bad |= wrong
         before = (len(report.chains), len(report.norm_scales))
-        for leaves in paths:
-            walk([(p, _dataflow.OPAQUE if p in bad else m) for p, m in leaves])
+        walk_all(report)
         # the same spec found at each call of a shared module: kept once
         report.chains[before[0] :] = list(dict.fromkeys(report.chains[before[0] :]))
         report.norm_scales[before[1] :] = list(dict.fromkeys(report.norm_scales[before[1] :]))
@@ -941,13 +938,11 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
         if paths is not None:
             walk_paths(paths)
             return
-        children: Iterable[tuple[str, nn.Module]] = module.named_children()
         if isinstance(module, nn.Sequential):
-            leaves = _leaves(path, module)
-            walk(leaves)
-            children = [(p, m) for p, m in leaves if not _dataflow.is_leaf(m)]
+            children = _leaves(path, module)
+            walk(children)
         else:
-            children = [(f"{path}.{n}" if path else n, m) for n, m in children]
+            children = [(f"{path}.{n}" if path else n, m) for n, m in module.named_children()]
         for p, m in children:
             if not _dataflow.is_leaf(m):
                 visit(m, p)
@@ -996,6 +991,15 @@ def discover(model: nn.Module, extra: Sequence[Declaration] | str | Path | None 
         report.warnings.append(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
     return report
+
+
+def _left_out(names: Iterable[str], tied: Mapping[str, list[str]], reserved: set[str], dropped: list[str]) -> bool:
+    """Whether a found spec on these parameters must be left out: one is tied to another module (recorded in
+    ``dropped``, for the warning), or a declaration acts on it."""
+    names = list(names)
+    hit = [n for n in names if n in tied]
+    dropped.extend(hit)
+    return bool(hit) or any(n in reserved for n in names)
 
 
 def _spec_layers(spec: RescaleChain | NormScaleSpec) -> list[str]:
