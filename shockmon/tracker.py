@@ -118,6 +118,7 @@ class _Bucket:
         self.v = torch.zeros(B, n, D, dtype=dtype, device=device)
         self.tc = torch.zeros((), dtype=torch.float64, device=device)
         self.knn: Tensor | None = None
+        self.pairs: tuple[Tensor, Tensor] | None = None  # (knn, its pair_index) while the lists are unchanged
         self.gidx: Tensor | None = None  # the members' group indices, cached on device
         self.const: tuple[Tensor, ...] | None = None  # constant tensors, cached
         self.derived: Tensor | None = None  # (5, B): sd_v, sd_m, nu, significant nu, float floor
@@ -958,11 +959,14 @@ class BurgersTracker:
                     start = (((b.count - L) // period) * per) % n
                     rows = torch.arange(start, min(start + per, n), device=dev)
                     b.knn[:, rows] = pt.knn(xc, k_eff, rows)
+                    b.pairs = None
             if method == "jacobian":
                 lam, se, sdv, r2, dot = pt.local_rates_jacobian(xc, v, b.knn, sdv, sd_m.to(b.dtype))
                 ztests = n
             else:
-                r2, dot = pt.pair_stats(pt.feature_major(xc, v), b.knn)
+                if b.pairs is None or b.pairs[0] is not b.knn:  # lists replaced, moved, loaded or refreshed
+                    b.pairs = (b.knn, pt.pair_index(b.knn))
+                r2, dot = pt.pair_stats(pt.feature_major(xc, v), b.knn, b.pairs[1])
                 ztests = n * k_eff
         z = pt.bonferroni_z(self.alpha, ztests)
         if method == "pairs":
