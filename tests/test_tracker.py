@@ -730,3 +730,56 @@ def test_tracker_groups_updated_on_different_steps_keep_separate_histories():
         beside.update(k, {"a": groups["a"], **extra})
         torch.testing.assert_close(beside.forecast()["a"], alone.forecast()["a"])
     torch.testing.assert_close(beside.state_dict()["g"]["hist_T"][1], alone.state_dict()["g"]["hist_T"][1])
+
+
+def _pairs_reference(r2, dot, dt, sd_v, sd_m, nu, z):  # type: ignore[no-untyped-def]
+    """The pairs method's rates and collapse test written plainly: the most compressive pair by min-with-indices,
+    the three conditions as comparisons (the tracker computes both with float ops)."""
+    inv_r = torch.rsqrt(r2.clamp_min(torch.finfo(r2.dtype).tiny))
+    zp = dot * inv_r
+    m = torch.min(zp, dim=0)
+    ir = inv_r.gather(0, m.indices[None])[0]
+    k = z * math.sqrt(2.0)
+    closing = zp < (-k * sd_v)[None, :, None]
+    proj = (r2 + dt.to(r2.dtype) * dot) * inv_r
+    crossed = proj < (-k * sd_m)[None, :, None]
+    viscous = proj.abs() * zp > (-2.0 * nu)[None, :, None]
+    hit = (closing & (crossed | viscous)).any(0).any(1)
+    return m.values * ir, math.sqrt(2.0) * sd_v[:, None] * ir, hit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairs_rates_and_collapse_match_their_plain_definitions(dtype):
+    from shockmon import _particles as pt
+
+    g = torch.Generator().manual_seed(7)
+    for trial in range(300):
+        K, B, n = (int(torch.randint(1, hi, (1,), generator=g)) for hi in (9, 5, 40))
+        r2 = torch.rand(K, B, n, generator=g, dtype=dtype) * 10.0 ** float(torch.randint(-6, 4, (1,), generator=g))
+        dot = torch.randn(K, B, n, generator=g, dtype=dtype) * 10.0 ** float(torch.randint(-6, 2, (1,), generator=g))
+        if trial % 5 == 0:  # coincident particles
+            r2[torch.rand(r2.shape, generator=g) < 0.1] = 0.0
+        if trial % 7 == 0:
+            dot[torch.rand(dot.shape, generator=g) < 0.05] = math.nan
+        if trial % 11 == 0:  # particles at rest relative to a neighbour
+            dot[torch.rand(dot.shape, generator=g) < 0.2] = 0.0
+        if trial % 13 == 0:  # every neighbour the same: ties
+            r2[:], dot[:] = r2[:1].clone(), dot[:1].clone()
+        sd_v, sd_m = 0.01 * torch.rand(B, generator=g, dtype=dtype), 0.01 * torch.rand(B, generator=g, dtype=dtype)
+        nu = 1e-3 * (trial % 2) * torch.rand(B, generator=g, dtype=dtype)
+        if trial % 17 == 0:
+            sd_m[0] = math.nan
+        if trial % 19 == 0:
+            nu[0] = math.nan
+        dt = torch.tensor(5.0 * float(torch.rand(1, generator=g)), dtype=torch.float64)
+        lam, se, hit = pt.pairs_rates_and_collapse(r2, dot, dt, sd_v, sd_m, nu, 3.0)
+        lam_ref, se_ref, hit_ref = _pairs_reference(r2, dot, dt, sd_v, sd_m, nu, 3.0)
+        assert torch.equal(hit, hit_ref), trial
+        assert torch.equal(lam.isnan(), lam_ref.isnan()), trial
+        ok = ~lam.isnan()
+        assert torch.equal(lam[ok], lam_ref[ok]), trial
+        # the standard error may come from another of exactly tied pairs only where the rate is 0 (never significant)
+        same_se = (se == se_ref) | lam.isnan() | (lam == 0)
+        assert bool(same_se.all()), trial
+        assert torch.equal(pt.collapse_pairs(r2[0], dot[0], dt, sd_v, sd_m, nu, 3.0), _pairs_reference(
+            r2[:1], dot[:1], dt, sd_v, sd_m, nu, 3.0)[2]), trial
