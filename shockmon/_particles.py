@@ -447,12 +447,23 @@ def local_rates_pairs(r2: Tensor, dot: Tensor, sd_v: Tensor) -> tuple[Tensor, Te
     return _rates_from(dot * inv_r, inv_r, sd_v)
 
 
+def _float_ops(t: Tensor) -> bool:
+    """Whether to write a selection or a test with float ops rather than with comparisons: on CPU a comparison's
+    bool tensor, ``any`` and a min-with-indices cost ~5-20x a float op of the same size; on an accelerator every
+    op is a launch, and the comparisons take fewer."""
+    return t.device.type == "cpu"
+
+
 def _rates_from(zp: Tensor, inv_r: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor]:
-    # zp = dx.dv/|dx| = -c is proportional to the z-score strain/SE; the minimum over neighbours (dim 0) wins.
-    # Its 1/|dx| without a min-with-indices (~20x slower than amin on CPU): 1 - sign(zp - min) is 1 exactly at
-    # the minimum. Of exact ties the nearest pair is taken; the z-score m/(sqrt(2) sd_v) does not depend on it
-    m = zp.amin(0)
-    ir = (inv_r * (1.0 - torch.sign(zp - m))).amax(0)
+    # zp = dx.dv/|dx| = -c is proportional to the z-score strain/SE; the minimum over neighbours (dim 0) wins
+    if _float_ops(zp):
+        # its 1/|dx| without a min-with-indices: 1 - sign(zp - min) is 1 exactly at the minimum. Of exact ties
+        # the nearest pair is taken; the z-score m/(sqrt(2) sd_v) does not depend on which
+        m = zp.amin(0)
+        ir = (inv_r * (1.0 - torch.sign(zp - m))).amax(0)
+    else:
+        mi = torch.min(zp, dim=0, keepdim=True)
+        m, ir = mi.values[0], inv_r.gather(0, mi.indices)[0]
     return m * ir, (math.sqrt(2.0) * sd_v[:, None]) * ir
 
 
@@ -543,14 +554,20 @@ def _collapse(
     shape = [1] * r2.dim()
     shape[gdim] = B
     k = z * math.sqrt(2.0)
-    # three conditions as signs of floats (a comparison's bool tensor and `any` cost ~5x a float op on CPU):
-    # hit = closing & (crossed | viscous) is max(a, min(b, c)) < 0; a NaN fails its own test only
-    a = zp + (k * sd_v).reshape(shape)  # closing: c = -zp > z sqrt(2) sd_v
+    dims = [d for d in range(r2.dim()) if d != gdim]
     proj = (r2 + dt_now.to(r2.dtype) * dot) * inv_r
-    b = proj + (k * sd_m).reshape(shape)  # crossed: proj < -z sqrt(2) sd_m
-    c = (-2.0 * nu).reshape(shape) - proj.abs() * zp  # viscous: |proj| c < 2 nu
+    if not _float_ops(r2):
+        closing = zp < (-k * sd_v).reshape(shape)  # c = -zp > z sqrt(2) sd_v
+        crossed = proj < (-k * sd_m).reshape(shape)
+        viscous = proj.abs() * zp > (-2.0 * nu).reshape(shape)  # |proj| c < 2 nu
+        hit = closing & (crossed | viscous)
+        return hit.any(dims[0]).any(dims[1] - 1) if len(dims) == 2 else hit.any(dims[0])
+    # the three tests as signs of floats: hit = closing & (crossed | viscous) is max(a, min(b, c)) < 0, where a
+    # NaN fails its own test only
+    a = zp + (k * sd_v).reshape(shape)
+    b = proj + (k * sd_m).reshape(shape)
+    c = (-2.0 * nu).reshape(shape) - proj.abs() * zp
     h = torch.maximum(a.nan_to_num_(1.0), torch.minimum(b.nan_to_num_(1.0), c.nan_to_num_(1.0)))
-    dims = [d for d in range(h.dim()) if d != gdim]
     return h.amin(dims) < 0
 
 

@@ -748,10 +748,12 @@ def _pairs_reference(r2, dot, dt, sd_v, sd_m, nu, z):  # type: ignore[no-untyped
     return m.values * ir, math.sqrt(2.0) * sd_v[:, None] * ir, hit
 
 
+@pytest.mark.parametrize("float_ops", [True, False], ids=["cpu-float-ops", "accelerator-comparisons"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_pairs_rates_and_collapse_match_their_plain_definitions(dtype):
+def test_pairs_rates_and_collapse_match_their_plain_definitions(dtype, float_ops, monkeypatch):
     from shockmon import _particles as pt
 
+    monkeypatch.setattr(pt, "_float_ops", lambda t: float_ops)  # CPU writes them with float ops, else plainly
     g = torch.Generator().manual_seed(7)
     for trial in range(300):
         K, B, n = (int(torch.randint(1, hi, (1,), generator=g)) for hi in (9, 5, 40))
