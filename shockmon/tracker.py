@@ -450,7 +450,7 @@ class BurgersTracker:
         self._feat_default = self._units_default = self._rows_fixed = self._grow_t = None
         self._index_cache = {}
         for b in self._buckets:
-            b.const = None
+            b.const = b.pairs = None
 
     def _add_group(self, name: str) -> None:
         self._names.append(name)

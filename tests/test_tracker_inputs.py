@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -235,3 +236,54 @@ def test_tracker_all_non_finite_from_the_start_does_not_crash():
         ("trajectory", EventKind.DIVERGENCE),
     }
     assert len(events) == 2
+
+
+def test_tracker_kept_pair_index_follows_refreshed_split_and_loaded_neighbour_lists(monkeypatch):
+    """The flat gather index of the neighbour pairs is kept between updates: refreshed lists, a bucket split by a
+    missing group and a resumed state give exactly what recomputing it at every update gives."""
+    from shockmon import _particles as pt
+
+    g = torch.Generator().manual_seed(3)
+    base = {nm: torch.randn(80, 5, generator=g) for nm in "abc"}
+    pull = torch.randn(5, generator=g)
+
+    def inputs(k: int) -> dict[str, torch.Tensor]:  # a cloud contracting onto a plane, with noise
+        out = {}
+        for nm, x0 in base.items():
+            x = x0.clone()
+            x[:, 0] = x0[:, 0] * (1 - 0.012 * k) + 0.05 * pull[0]
+            out[nm] = x + 1e-3 * torch.randn(x.shape, generator=g)
+        return out
+
+    stream = [inputs(k) for k in range(70)]
+
+    def run() -> tuple[list[dict[str, float]], list]:
+        tr, seen = BurgersTracker(knn_every=4, neighbors=6), []
+        for k, groups in enumerate(stream):
+            if k == 30:
+                groups = {nm: x for nm, x in groups.items() if nm != "c"}  # "c" is split off its bucket
+            if k == 45:
+                resumed = BurgersTracker()
+                resumed.load_state_dict(copy.deepcopy(tr.state_dict()))
+                tr = resumed
+            tr.update(k, groups)
+            seen.append({nm: float(v) for nm, v in tr.summary().items()})
+        return seen, tr.poll()
+
+    kept = run()
+    original = pt.pair_stats
+    monkeypatch.setattr(pt, "pair_stats", lambda fm, idx, flat=None: original(fm, idx))
+    recomputed = run()
+    assert kept[1] == recomputed[1]
+    for k, (a, b) in enumerate(zip(kept[0], recomputed[0])):
+        assert a.keys() == b.keys(), k
+        assert all(a[x] == b[x] or (math.isnan(a[x]) and math.isnan(b[x])) for x in a), k
+    # moved to the device of its inputs (meta here: any CPU-kept index would be an error there)
+    monkeypatch.setattr(pt, "pair_stats", original)
+    tr = BurgersTracker(knn_every=1000, neighbors=6)  # no refresh after the move: the kept index must move
+    for k in range(40):
+        tr.update(k, stream[k])
+    for k in range(40, 50):
+        tr.update(k, {nm: torch.empty(80, 5, device="meta") for nm in "abc"})
+    assert {t.device.type for t in tr.summary().values()} == {"meta"}
+    assert {b.pairs[1].device.type for b in tr._buckets if b.pairs is not None} == {"meta"}  # a CUDA run would raise
