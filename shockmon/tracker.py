@@ -64,7 +64,7 @@ _BUCKET_TENSORS = (
     "knn",
     "sub",
 )
-_BUCKET_TENSORS += ("derived",)
+_BUCKET_TENSORS += ("derived", "fit_sums")
 _TIMES = ("step", "lr")
 #: settings the layout of a saved state depends on (ring and history lengths, the time axis, the particle
 #: subsample, the event rows): a state is always resumed with the values it was saved with
@@ -123,6 +123,10 @@ class _Bucket:
         self.const: tuple[Tensor, ...] | None = None  # constant tensors, cached
         self.derived: Tensor | None = None  # (5, B): sd_v, sd_m, nu, significant nu, float floor
         self.sub: Tensor | None = None  # (B, n) original indices when subsampled
+        # the window fit's running sums (pt.fit_window_sums) about ring slot fit_ref, current after update
+        # fit_count; rebuilt from the ring every L updates
+        self.fit_sums: Tensor | None = None
+        self.fit_count, self.fit_ref = -1, -1
 
     def take(self, keep: list[int]) -> _Bucket:
         """A new bucket holding the members ``keep`` (copies)."""
@@ -138,10 +142,12 @@ class _Bucket:
         nb.count, nb.noise_count = self.count, self.noise_count
         nb.knn = None if self.knn is None else self.knn.index_select(0, idx).clone()
         nb.sub = None if self.sub is None else self.sub.index_select(0, idx).clone()
+        nb.fit_sums = None if self.fit_sums is None else self.fit_sums.index_select(1, idx).clone()
+        nb.fit_count, nb.fit_ref = self.fit_count, self.fit_ref
         return nb
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("names", "n", "D", "L", "count", "noise_count")}
+        d = {k: getattr(self, k) for k in ("names", "n", "D", "L", "count", "noise_count", "fit_count", "fit_ref")}
         d["times_host"] = None if self.times_host is None else list(self.times_host)
         d["dtype"] = str(self.dtype).replace("torch.", "")
         for k in _BUCKET_TENSORS:
@@ -152,9 +158,11 @@ class _Bucket:
     def from_dict(cls, d: dict[str, Any], device: torch.device) -> _Bucket:
         b = cls(d["names"], d["n"], d["D"], getattr(torch, d["dtype"]), device, d["L"])
         b.count, b.noise_count = int(d["count"]), int(d["noise_count"])
+        # saved before the running fit sums: they are rebuilt from the ring at the next update
+        b.fit_count, b.fit_ref = int(d.get("fit_count", -1)), int(d.get("fit_ref", -1))
         b.times_host = None if d["times_host"] is None else list(d["times_host"])
         for k in _BUCKET_TENSORS:
-            val = d[k]
+            val = d.get(k)
             setattr(b, k, None if val is None else val.to(device).clone())
         return b
 
@@ -890,6 +898,7 @@ class BurgersTracker:
         else:
             med_sq, fast_units = None, None
         slot = b.count % L
+        advanced = self._advance_fit(b, slot, x)
         b.pos[slot] = x
         b.times[slot] = t_now
         th = self._t_host
@@ -920,7 +929,8 @@ class BurgersTracker:
 
         if b.count < 3:
             return pack(inf_b, inf_b, inf_b, zero_b, zero_b, nan_b, none_units)
-        # ---- least-squares fit over the window
+        # ---- least-squares fit over the window: on CPU from running sums of displacements, advanced by this
+        # snapshot (O(B n D)) and rebuilt from the ring every L updates; elsewhere one product over the ring
         if b.times_host is not None:
             w, tc_h, var_iid, var_walk = pt.window_fit_weights(b.times_host, filled, b.dtype, dev)
             tc = torch.full((), tc_h, dtype=torch.float64, device=dev)
@@ -929,7 +939,17 @@ class BurgersTracker:
             ws_t, wm_t, tc, var_iid, var_walk = pt.window_weights(b.times, filled)
             w = torch.stack([wm_t[:filled], ws_t[:filled]])
             tn = [b.times[i] for i in range(L)]
-        xc, v = pt.fit_window(b.pos if filled == L else b.pos[:filled], w)
+        if advanced:
+            assert b.fit_sums is not None and b.times_host is not None
+            ref = b.fit_ref
+            xc, v = pt.fit_from_sums(b.fit_sums, b.pos[ref], L, tc_h - b.times_host[ref], var_iid)
+        elif filled == L and b.times_host is not None and pt.running_fit_pays(b.pos):  # rebuilt from the ring
+            t0, rel = pt.relative_times(b.times_host)
+            xc, v, b.fit_sums = pt.fit_window_sums(b.pos, rel, slot, tc_h - t0, var_iid)
+            b.fit_count, b.fit_ref = b.count, slot
+        else:
+            xc, v = pt.fit_window(b.pos if filled == L else b.pos[:filled], w)
+            b.fit_sums = None
         b.xc, b.v, b.tc = xc, v, tc
         dt_now = t_now - tc
         # ---- noise statistics, every NOISE_EVERY updates (they are averaged over 2L updates anyway)
@@ -1002,6 +1022,22 @@ class BurgersTracker:
             nu,
             self._map_units(b, units),
         )
+
+    def _advance_fit(self, b: _Bucket, slot: int, x: Tensor) -> bool:
+        """Advance the bucket's running fit sums by ``x``, about to replace ring slot ``slot``: the window fit
+        then costs O(B n D) instead of a read of the whole ring. ``False`` (not advanced) when they are to be
+        rebuilt from the ring instead: every ``L`` updates (which bounds their rounding drift, and before their
+        reference snapshot leaves the ring), and whenever they are not current (none yet, a ring not full, a
+        state saved without them, times not known on the host). Not on an accelerator (``running_fit_pays``)."""
+        th, L = self._t_host, b.L
+        current = b.fit_sums is not None and b.fit_count == b.count and b.times_host is not None and th is not None
+        if not current or b.count < L or (b.count + 1) % L == 0 or not pt.running_fit_pays(x):
+            return False
+        ref = b.fit_ref
+        t_ref = b.times_host[ref]
+        pt.advance_fit_sums(b.fit_sums, x, b.pos[slot], b.pos[ref], th - t_ref, th - b.times_host[slot])
+        b.fit_count = b.count + 1
+        return True
 
     def _noise_block(
         self,

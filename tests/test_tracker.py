@@ -785,3 +785,57 @@ def test_pairs_rates_and_collapse_match_their_plain_definitions(dtype, float_ops
         assert bool(same_se.all()), trial
         assert torch.equal(pt.collapse_pairs(r2[0], dot[0], dt, sd_v, sd_m, nu, 3.0), _pairs_reference(
             r2[:1], dot[:1], dt, sd_v, sd_m, nu, 3.0)[2]), trial
+
+
+def _exact_fit(ring: torch.Tensor, times: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares centre and slope of a ring in float64: the reference for the tracker's float fits."""
+    t = torch.tensor(times, dtype=torch.float64)
+    dt = t - t.mean()
+    x = ring.double() - ring[0].double()  # displacements: no rounding relative to |x|
+    return ring[0].double() + x.mean(0), torch.einsum("l,l...->...", dt, x) / (dt * dt).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_running_window_fit_matches_the_least_squares_fit_of_the_ring(dtype):
+    """The window fit advanced by one snapshot per update (O(n D) instead of a read of the ring) is the
+    least-squares fit of the ring to within the fit's float resolution, over uneven times (learning-rate time),
+    and particles that do not move have velocity 0."""
+    from shockmon import _particles as pt
+
+    g = torch.Generator().manual_seed(11)
+    L, B, n, D = 8, 3, 40, 4
+    x0 = 10.0 * torch.randn(B, n, D, generator=g, dtype=torch.float64)  # far from 0: rounding scales with |x|
+    vel = 0.3 * torch.randn(B, n, D, generator=g, dtype=torch.float64)
+    vel[0] = 0.0  # a group that does not move
+    rates = [0.01 * (1.5 + math.sin(0.7 * k)) for k in range(4 * L)]
+    ts = [math.fsum(rates[:k]) for k in range(4 * L)]
+
+    def snap(k: int) -> torch.Tensor:
+        x = x0 + vel * ts[k] + 1e-3 * torch.randn(B, n, D, generator=g, dtype=torch.float64) * (
+            torch.arange(B) > 0
+        )[:, None, None]
+        return x.to(dtype)
+
+    ring = torch.stack([snap(k) for k in range(L - 1)] + [torch.zeros(B, n, D, dtype=dtype)])
+    times = ts[: L - 1] + [0.0]
+    res = 16 * torch.finfo(dtype).eps * 30.0  # the tracker's float resolution of positions (|x| < 30 here)
+    for start in (L, 2 * L):  # the newest snapshot written, the sums rebuilt from the ring, then L - 1 advances
+        ref = (start - 1) % L
+        ring[ref], times[ref] = snap(start - 1), ts[start - 1]
+        w, tc, inv_stt, _ = pt.window_fit_weights(times, L, dtype, torch.device("cpu"))
+        t0, rel = pt.relative_times(times)
+        xc, v, sums = pt.fit_window_sums(ring, rel, ref, tc - t0, inv_stt)
+        for k in range(start, start + L):
+            if k > start:  # snapshot k - 1 replaces the oldest
+                slot = (k - 1) % L
+                x = snap(k - 1)
+                pt.advance_fit_sums(sums, x, ring[slot], ring[ref], ts[k - 1] - times[ref], ts[k - 1] - times[slot])
+                ring[slot], times[slot] = x, ts[k - 1]
+                w, tc, inv_stt, _ = pt.window_fit_weights(times, L, dtype, torch.device("cpu"))
+                xc, v = pt.fit_from_sums(sums, ring[ref], L, tc - times[ref], inv_stt)
+            xc_exact, v_exact = _exact_fit(ring, times)
+            assert xc.dtype == v.dtype == dtype
+            assert (xc.double() - xc_exact).abs().max() <= res, k
+            # within 2 % of the velocity resolution (the ring's weighted sum, fit_window, is off by ~5 %)
+            assert (v.double() - v_exact).abs().max() <= 0.02 * res * math.sqrt(inv_stt), k
+            assert not v[0].any(), k  # nothing moved
