@@ -127,6 +127,8 @@ class _Bucket:
         # fit_count; rebuilt from the ring every L updates
         self.fit_sums: Tensor | None = None
         self.fit_count, self.fit_ref = -1, -1
+        self.tc_host: float | None = None  # tc, while the times are known on the host
+        self.fill: Tensor | None = None  # (2, B, n, D) inputs and extrapolations, kept between updates (on CPU)
 
     def take(self, keep: list[int]) -> _Bucket:
         """A new bucket holding the members ``keep`` (copies)."""
@@ -143,11 +145,12 @@ class _Bucket:
         nb.knn = None if self.knn is None else self.knn.index_select(0, idx).clone()
         nb.sub = None if self.sub is None else self.sub.index_select(0, idx).clone()
         nb.fit_sums = None if self.fit_sums is None else self.fit_sums.index_select(1, idx).clone()
-        nb.fit_count, nb.fit_ref = self.fit_count, self.fit_ref
+        nb.fit_count, nb.fit_ref, nb.tc_host = self.fit_count, self.fit_ref, self.tc_host
         return nb
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("names", "n", "D", "L", "count", "noise_count", "fit_count", "fit_ref")}
+        d = {k: getattr(self, k) for k in ("names", "n", "D", "L", "count", "noise_count")}
+        d.update(fit_count=self.fit_count, fit_ref=self.fit_ref, tc_host=self.tc_host)
         d["times_host"] = None if self.times_host is None else list(self.times_host)
         d["dtype"] = str(self.dtype).replace("torch.", "")
         for k in _BUCKET_TENSORS:
@@ -160,6 +163,7 @@ class _Bucket:
         b.count, b.noise_count = int(d["count"]), int(d["noise_count"])
         # saved before the running fit sums: they are rebuilt from the ring at the next update
         b.fit_count, b.fit_ref = int(d.get("fit_count", -1)), int(d.get("fit_ref", -1))
+        b.tc_host = d.get("tc_host")
         b.times_host = None if d["times_host"] is None else list(d["times_host"])
         for k in _BUCKET_TENSORS:
             val = d.get(k)
@@ -458,7 +462,7 @@ class BurgersTracker:
         self._feat_default = self._units_default = self._rows_fixed = self._grow_t = None
         self._index_cache = {}
         for b in self._buckets:
-            b.const = b.pairs = None
+            b.const = b.pairs = b.fill = None
 
     def _add_group(self, name: str) -> None:
         self._names.append(name)
@@ -859,14 +863,24 @@ class BurgersTracker:
         dev, L, K = b.device, b.L, self.neighbors
         # (n,) and (n, 1) groups share a bucket: stack them all as (n, D); an input already (n, D) of the bucket's
         # dtype and device goes in as it is (the no-op .to and .reshape cost ~1 us each, per group and update)
-        x = torch.stack([
+        ins = [
             xi if xi.dim() == 2 and xi.dtype == b.dtype and xi.device == dev
             else xi.to(device=dev, dtype=b.dtype).reshape(xi.shape[0], -1)
             for xi in xs
-        ])
+        ]
+        # on CPU, into the first half of a kept buffer; each particle's extrapolation goes into the second, and
+        # the non-finite particles are replaced by a gather of rows (pt.take_rows)
+        rows = pt._float_ops(ins[0]) and b.sub is None
+        if rows:
+            shape = (2, len(ins), *ins[0].shape)
+            if b.fill is None or b.fill.shape != shape:
+                b.fill = torch.empty(shape, dtype=b.dtype, device=dev)
+            x = torch.stack(ins, out=b.fill[0])
+        else:
+            x = torch.stack(ins)
         # (B, N): divergence looks at every unit, tracked or not. A sum over the coordinates is non-finite when
         # any is (or when finite ones overflow, beyond 1e37: divergent too); 3x cheaper than isfinite().all(-1)
-        fin_all = pt.finite(x.sum(-1))
+        fin_all = pt.finite(pt.row_sums(x))
         nonfinite = ~fin_all.all(1)
         nf_units = self._units_of((~fin_all).to(b.dtype))
         if b.sub is not None:
@@ -875,13 +889,26 @@ class BurgersTracker:
         else:
             fin = fin_all
         B, n, D = x.shape
-        if b.count >= 2:
-            guess = b.xc + b.v * (t_now - b.tc).to(b.dtype)
-        elif b.count == 1:
-            guess = b.pos[0]
+        if rows:  # the extrapolation into the buffer's second half, then one gather
+            assert b.fill is not None
+            guess = b.fill[1]
+            if b.count >= 2 and b.tc_host is not None and self._t_host is not None:
+                torch.add(b.xc, b.v, alpha=self._t_host - b.tc_host, out=guess)
+            elif b.count >= 2:
+                torch.mul(b.v, (t_now - b.tc).to(b.dtype), out=guess).add_(b.xc)
+            elif b.count == 1:
+                guess.copy_(b.pos[0])
+            else:
+                guess.zero_()
+            x = pt.take_rows(b.fill, fin)
         else:
-            guess = torch.zeros_like(x)
-        x = torch.where(fin[..., None], x, guess)
+            if b.count >= 2:
+                guess = b.xc + b.v * (t_now - b.tc).to(b.dtype)
+            elif b.count == 1:
+                guess = b.pos[0]
+            else:
+                guess = torch.zeros_like(x)
+            x = torch.where(fin[..., None], x, guess)
         # the step length: the median particle's distance moved since the last snapshot (its log, for the
         # growth test), and the particles moving most (the units of an instability event), over a fixed
         # sample of at most ~2 x _GROWTH_SAMPLE particles (every stride-th; all of a small group)
@@ -935,8 +962,10 @@ class BurgersTracker:
             w, tc_h, var_iid, var_walk = pt.window_fit_weights(b.times_host, filled, b.dtype, dev)
             tc = torch.full((), tc_h, dtype=torch.float64, device=dev)
             tn: list[Any] = b.times_host
+            tc_host: float | None = tc_h
         else:
             ws_t, wm_t, tc, var_iid, var_walk = pt.window_weights(b.times, filled)
+            tc_host = None
             w = torch.stack([wm_t[:filled], ws_t[:filled]])
             tn = [b.times[i] for i in range(L)]
         if advanced:
@@ -950,7 +979,7 @@ class BurgersTracker:
         else:
             xc, v = pt.fit_window(b.pos if filled == L else b.pos[:filled], w)
             b.fit_sums = None
-        b.xc, b.v, b.tc = xc, v, tc
+        b.xc, b.v, b.tc, b.tc_host = xc, v, tc, tc_host
         dt_now = t_now - tc
         # ---- noise statistics, every NOISE_EVERY updates (they are averaged over 2L updates anyway)
         k_noise = min(7, L, b.count)

@@ -337,3 +337,43 @@ def test_tracker_running_window_fit_follows_splits_resumes_and_states_saved_with
         assert all(torch.equal(a, b) for a, b in zip(fits, resumed))
         _, legacy = run(60, resume_at, True)  # rebuilt at once from the ring: the same fits, to rounding
         assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(fits, legacy))
+
+
+def test_non_finite_particles_are_found_and_replaced_alike_on_cpu_and_accelerator_paths(monkeypatch):
+    """On CPU the coordinates' sum is a matrix-vector product and the replacement of non-finite particles a gather
+    of rows from a kept buffer (elsewhere a sum and a `where`): the same particles are found and replaced, with
+    the same extrapolations to rounding, and the same events follow."""
+    from shockmon import _particles as pt
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 50, 4, generator=g)
+    x[0, 3, 1], x[1, 7, 0], x[2, 9, :2] = math.nan, -math.inf, torch.tensor([math.inf, -math.inf])
+    x[2, 11, 2] = 3e38  # finite, and so is its row (a sum would overflow only beyond)
+    assert torch.equal(pt.finite(pt.row_sums(x)), torch.isfinite(x).all(-1))
+    keep = torch.rand(3, 50, generator=g) < 0.7
+    both = torch.randn(2, 3, 50, 4, generator=g)
+    assert torch.equal(pt.take_rows(both, keep), torch.where(keep[..., None], both[0], both[1]))
+
+    base = torch.randn(2, 64, 3, generator=g)
+    drift = 0.05 * torch.randn(2, 64, 3, generator=g)
+    stream = []
+    for k in range(60):
+        y = base + drift * k + 1e-3 * torch.randn(2, 64, 3, generator=g)
+        if k in (1, 20, 21, 40):  # on the second update, on two in a row, and once the window is full
+            y[0, [2, 30]] = math.nan
+            y[1, 5, 1] = math.inf
+        stream.append({"a": y[0], "b": y[1]})
+
+    def run(cpu: bool) -> tuple[list[torch.Tensor], list]:
+        monkeypatch.setattr(pt, "_float_ops", lambda t: cpu)
+        tr, rings = BurgersTracker(window=8), []
+        for k, groups in enumerate(stream):
+            tr.update(k, groups)
+            rings.append(tr._buckets[0].pos.clone())
+        return rings, tr.poll()
+
+    rows, where = run(True), run(False)
+    assert rows[1] == where[1] and any(e.kind is EventKind.DIVERGENCE for e in rows[1])
+    for a, b in zip(rows[0], where[0]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
