@@ -136,14 +136,13 @@ def _fit_weights_cached(
     return to_device(torch.tensor([wm[:filled], ws[:filled]], dtype=dtype), device), tbar, var_iid, var_walk
 
 
-def fit_window(pos: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """Centre positions and least-squares velocities ``(B, n, D)`` of a ring ``pos: (L, B, n, D)``.
+def fit_window(pos: Tensor, w: Tensor) -> Tensor:
+    """Centre positions and least-squares velocities of a ring ``pos: (L, B, n, D)``, stacked ``(2, B, n, D)``.
 
     ``w``: ``(2, L)`` weights, the mean's then the slope's. One matrix product over all groups and particles.
     """
     L, B, n, D = pos.shape
-    out = torch.mm(w.to(pos.dtype), pos.reshape(L, B * n * D))  # (2, B n D)
-    return out[0].view(B, n, D), out[1].view(B, n, D)
+    return torch.mm(w.to(pos.dtype), pos.reshape(L, B * n * D)).view(2, B, n, D)
 
 
 def fit_window_sums(
@@ -159,8 +158,8 @@ def fit_window_sums(
         center, inv_stt: the times' mean, relative to the first, and ``1 / sum_l (t_l - center)^2``.
 
     Returns:
-        ``(xc, v, sums)`` (:func:`fit_from_sums`), ``sums: (2, B, n, D)``: ``sum_l (x_l - x_ref)`` and ``sum_l
-        (t_l - t_ref) (x_l - x_ref)`` over the ring. Sums of displacements round off relative to how far the
+        ``(xv, sums)``: ``xv`` as from :func:`fit_from_sums`; ``sums: (2, B, n, D)``, ``sum_l (x_l - x_ref)``
+        and ``sum_l (t_l - t_ref) (x_l - x_ref)`` over the ring. Sums of displacements round off relative to how far the
         particles moved, not to where they are: a particle that did not move has velocity 0 exactly, and the
         fit is closer to the exact one than the ring's weighted sum (:func:`fit_window`).
     """
@@ -168,7 +167,7 @@ def fit_window_sums(
     x_ref = pos[ref]
     W = _sums_weights_cached(rel, ref, pos.dtype, pos.device)
     sums = torch.mm(W, (pos - x_ref).reshape(L, -1)).view(2, *pos.shape[1:])
-    return (*fit_from_sums(sums, x_ref, L, center - rel[ref], inv_stt), sums)
+    return fit_from_sums(sums, x_ref, L, center - rel[ref], inv_stt), sums
 
 
 @functools.lru_cache(maxsize=512)
@@ -190,12 +189,15 @@ def advance_fit_sums(sums: Tensor, x_new: Tensor, x_old: Tensor, x_ref: Tensor, 
     s1.add_(d, alpha=a_new).add_(x_old - x_ref, alpha=gap)
 
 
-def fit_from_sums(sums: Tensor, x_ref: Tensor, L: int, a_center: float, inv_stt: float) -> tuple[Tensor, Tensor]:
+def fit_from_sums(sums: Tensor, x_ref: Tensor, L: int, a_center: float, inv_stt: float) -> Tensor:
     """Centre positions and least-squares velocities from :func:`fit_window_sums`' ``sums`` (``a_center =
     t_center - t_ref``, ``inv_stt = 1 / sum_l (t_l - t_center)^2``): ``x_ref + s0 / L`` and ``(s1 - a_center
-    s0) / stt``."""
+    s0) / stt``, stacked ``(2, B, n, D)`` as :func:`fit_window` gives them."""
     s0, s1 = sums.unbind(0)
-    return torch.add(x_ref, s0, alpha=1.0 / L), torch.add(s1, s0, alpha=-a_center).mul_(inv_stt)
+    xv = torch.empty_like(sums)
+    torch.add(x_ref, s0, alpha=1.0 / L, out=xv[0])
+    torch.add(s1, s0, alpha=-a_center, out=xv[1]).mul_(inv_stt)
+    return xv
 
 
 def mad_var(r: Tensor) -> Tensor:
@@ -298,7 +300,7 @@ def local_rates_1d(xc: Tensor, v: Tensor, k: int) -> tuple[Tensor, Tensor, Tenso
 
 
 def knn(xc: Tensor, k: int, rows: Tensor | None = None, chunk: int = 1024) -> Tensor:
-    """Exact ``k`` nearest neighbours (excluding self) by ``cdist`` + ``topk``, in row chunks.
+    """Exact ``k`` nearest neighbours (excluding self) by squared distances and ``topk``, in row chunks.
 
     Args:
         xc: ``(B, n, D)`` positions.
@@ -307,14 +309,24 @@ def knn(xc: Tensor, k: int, rows: Tensor | None = None, chunk: int = 1024) -> Te
 
     Returns:
         ``(B, r, k)`` neighbour indices. Cost O(B r n D) time, O(B * chunk * n) memory.
+
+    The squared distances are ``|a|^2 + |b|^2 - 2 a.b`` (one batched product), which rounds off relative to
+    ``|a|^2``: in float32 (``torch.cdist``'s own product form) a cloud whose distance from the origin is 10^3
+    times its neighbours' spacing gets neighbour lists that are noise. So they are taken in float64, of
+    positions centred on each group's mean: exact lists up to a ratio ~10^6, at the cost of ``cdist``
+    (the square root is left out: it does not change the order).
     """
     B, n, D = xc.shape
     if rows is None:
         rows = torch.arange(n, device=xc.device)
+    c = (xc - xc.mean(1, keepdim=True)).double()
+    sq = (c * c).sum(-1)  # (B, n)
+    ct = c.transpose(1, 2)
     out = []
     for s in range(0, rows.numel(), chunk):
         r = rows[s : s + chunk]
-        d = torch.cdist(xc.index_select(1, r), xc)  # (B, c, n)
+        d = torch.baddbmm(sq[:, None, :], c.index_select(1, r), ct, alpha=-2.0)  # (B, c, n)
+        d.add_(sq.index_select(1, r)[:, :, None])
         d[:, torch.arange(r.numel(), device=xc.device), r] = math.inf
         out.append(torch.topk(d, k, dim=2, largest=False).indices)
     return torch.cat(out, dim=1)
@@ -450,10 +462,11 @@ def local_rates_jacobian(
     return lam, sd[:, None] * torch.sqrt(q), sd, (pdx * pdx).sum(-1), (pdx * pdv).sum(-1)
 
 
-def feature_major(xc: Tensor, v: Tensor) -> Tensor:
-    """Positions and velocities ``(B, n, D)`` as one feature-major matrix ``(2D, B n)``."""
-    B, n, D = xc.shape
-    return torch.stack([xc, v], 0).permute(0, 3, 1, 2).reshape(2 * D, B * n)
+def feature_major(xv: Tensor) -> Tensor:
+    """Positions and velocities stacked ``(2, B, n, D)`` (as the window fit gives them) as one feature-major
+    matrix ``(2D, B n)``."""
+    _, B, n, D = xv.shape
+    return xv.permute(0, 3, 1, 2).reshape(2 * D, B * n)
 
 
 def pair_index(idx: Tensor) -> Tensor:

@@ -120,6 +120,7 @@ class _Bucket:
         self.knn: Tensor | None = None
         self.pairs: tuple[Tensor, Tensor] | None = None  # (knn, its pair_index) while the lists are unchanged
         self.gidx: Tensor | None = None  # the members' group indices, cached on device
+        self.gi_host: list[int] | None = None  # and on the host
         self.const: tuple[Tensor, ...] | None = None  # constant tensors, cached
         self.derived: Tensor | None = None  # (5, B): sd_v, sd_m, nu, significant nu, float floor
         self.sub: Tensor | None = None  # (B, n) original indices when subsampled
@@ -688,13 +689,16 @@ class BurgersTracker:
             self._shape[name] = (n, D, dtype)
         present = list(groups)
         # members of a bucket are updated together; a bucket member missing now is split off
+        split = False
         for bi, b in enumerate(list(self._buckets)):
             here = [j for j, nm in enumerate(b.names) if nm in groups]
             if here and len(here) < len(b.names):
                 away = [j for j in range(len(b.names)) if j not in here]
                 self._buckets[bi] = b.take(here)
                 self._buckets.append(b.take(away))
-        self._reindex()
+                split = True
+        if split:
+            self._reindex()
         new = [nm for nm in present if nm not in self._where]
         by_shape: dict[tuple[int, int, torch.dtype], list[str]] = {}
         for nm in new:
@@ -709,7 +713,8 @@ class BurgersTracker:
                     subs.append(torch.sort(torch.randperm(n, generator=gen)[:m]).values)
                 b.sub = to_device(torch.stack(subs), dev)
             self._buckets.append(b)
-        self._reindex()
+        if by_shape:
+            self._reindex()
         # ---- per-bucket particle view: one row of features per group (see _FEATURES)
         G = len(self._names)
         f64 = dict(dtype=torch.float64, device=dev)
@@ -725,9 +730,10 @@ class BurgersTracker:
             if b.names[0] not in groups:
                 continue
             feat, units = self._bucket_update(b, [groups[nm] for nm in b.names], t_now)
-            gi_host = [self._names.index(nm) for nm in b.names]
-            if b.gidx is None or b.gidx.numel() != len(gi_host):
-                b.gidx = to_device(torch.tensor(gi_host), dev)
+            if b.gidx is None or b.gi_host is None:  # a bucket's members and their indices never change
+                b.gi_host = [self._names.index(nm) for nm in b.names]
+                b.gidx = to_device(torch.tensor(b.gi_host), dev)
+            gi_host = b.gi_host
             F.index_copy_(0, b.gidx, feat)
             U.index_copy_(0, b.gidx, units)
             for gi in gi_host:
@@ -971,14 +977,15 @@ class BurgersTracker:
         if advanced:
             assert b.fit_sums is not None and b.times_host is not None
             ref = b.fit_ref
-            xc, v = pt.fit_from_sums(b.fit_sums, b.pos[ref], L, tc_h - b.times_host[ref], var_iid)
+            xv = pt.fit_from_sums(b.fit_sums, b.pos[ref], L, tc_h - b.times_host[ref], var_iid)
         elif filled == L and b.times_host is not None and pt.running_fit_pays(b.pos):  # rebuilt from the ring
             t0, rel = pt.relative_times(b.times_host)
-            xc, v, b.fit_sums = pt.fit_window_sums(b.pos, rel, slot, tc_h - t0, var_iid)
+            xv, b.fit_sums = pt.fit_window_sums(b.pos, rel, slot, tc_h - t0, var_iid)
             b.fit_count, b.fit_ref = b.count, slot
         else:
-            xc, v = pt.fit_window(b.pos if filled == L else b.pos[:filled], w)
+            xv = pt.fit_window(b.pos if filled == L else b.pos[:filled], w)
             b.fit_sums = None
+        xc, v = xv.unbind(0)
         b.xc, b.v, b.tc, b.tc_host = xc, v, tc, tc_host
         dt_now = t_now - tc
         # ---- noise statistics, every NOISE_EVERY updates (they are averaged over 2L updates anyway)
@@ -1020,7 +1027,7 @@ class BurgersTracker:
             else:
                 if b.pairs is None or b.pairs[0] is not b.knn:  # lists replaced, moved, loaded or refreshed
                     b.pairs = (b.knn, pt.pair_index(b.knn))
-                r2, dot = pt.pair_stats(pt.feature_major(xc, v), b.knn, b.pairs[1])
+                r2, dot = pt.pair_stats(pt.feature_major(xv), b.knn, b.pairs[1])
                 ztests = n * k_eff
         z = pt.bonferroni_z(self.alpha, ztests)
         if method == "pairs":

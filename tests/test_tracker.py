@@ -824,7 +824,7 @@ def test_running_window_fit_matches_the_least_squares_fit_of_the_ring(dtype):
         ring[ref], times[ref] = snap(start - 1), ts[start - 1]
         w, tc, inv_stt, _ = pt.window_fit_weights(times, L, dtype, torch.device("cpu"))
         t0, rel = pt.relative_times(times)
-        xc, v, sums = pt.fit_window_sums(ring, rel, ref, tc - t0, inv_stt)
+        (xc, v), sums = pt.fit_window_sums(ring, rel, ref, tc - t0, inv_stt)
         for k in range(start, start + L):
             if k > start:  # snapshot k - 1 replaces the oldest
                 slot = (k - 1) % L
@@ -839,3 +839,20 @@ def test_running_window_fit_matches_the_least_squares_fit_of_the_ring(dtype):
             # within 2 % of the velocity resolution (the ring's weighted sum, fit_window, is off by ~5 %)
             assert (v.double() - v_exact).abs().max() <= 0.02 * res * math.sqrt(inv_stt), k
             assert not v[0].any(), k  # nothing moved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_knn_lists_are_exact_for_a_cloud_far_from_the_origin(dtype):
+    """Neighbour lists by squared distances are exact where float32's `|a|^2 + |b|^2 - 2 a.b` (torch.cdist's
+    product form) is noise: a cloud 10^4 times farther from the origin than its spacing; and for an ordinary one."""
+    from shockmon import _particles as pt
+
+    g = torch.Generator().manual_seed(2)
+    for offset, spread in ((0.0, 1.0), (10.0, 1e-3), (-300.0, 1e-1)):
+        x = (offset + spread * torch.randn(3, 200, 5, generator=g, dtype=torch.float64)).to(dtype)
+        exact = torch.cdist(x.double(), x.double(), compute_mode="donot_use_mm_for_euclid_dist")
+        exact.diagonal(dim1=1, dim2=2).fill_(math.inf)
+        want = torch.topk(exact, 6, dim=2, largest=False).indices
+        assert torch.equal(pt.knn(x, 6).sort(-1).values, want.sort(-1).values), offset
+        rows = torch.tensor([3, 50, 199])
+        assert torch.equal(pt.knn(x, 6, rows).sort(-1).values, want[:, rows].sort(-1).values), offset
