@@ -132,6 +132,34 @@ def test_tracker_invalid_updates(call, error, match):
         call(BurgersTracker())
 
 
+@pytest.mark.parametrize(
+    ("groups", "error", "match"),
+    [
+        ({"a": torch.zeros(2, 2, 2)}, ValueError, r"group 'a' to have shape \(n,\) or \(n, D\), but got \(2, 2, 2\)"),
+        ({"a": torch.zeros(4, dtype=torch.complex64)}, TypeError, r"group 'a' to be a real tensor"),
+        ({"a": torch.zeros(4, dtype=torch.bool)}, TypeError, r"group 'a' to be a real tensor"),
+        ({"a": [0.0] * 4}, TypeError, r"group 'a' to be a Tensor, but got list"),
+        ({"a": torch.zeros(4), "trajectory": torch.zeros(4)}, ValueError, r"other than 'trajectory'"),
+        ({"a": torch.zeros(4), "": torch.zeros(4)}, ValueError, r"non-empty strings"),
+    ],
+    ids=["dims", "complex", "bool", "list", "trajectory", "empty-name"],
+)
+def test_tracker_later_updates_are_checked_as_the_first(groups, error, match):
+    """The checks of an update whose groups have the last update's names, shapes, dtypes and devices are skipped
+    (they passed then); any other is checked in full."""
+    t = BurgersTracker()
+    for k in range(3):
+        t.update(k, {"a": torch.zeros(4)})
+    with pytest.raises(error, match=match):
+        t.update(3, groups)
+    t.update(4, {"a": torch.zeros(4)})  # the tracker goes on
+    t.drop(["a"])
+    t.update(5, {"a": torch.ones(4)})  # the same shape after a drop: registered afresh
+    assert t.groups == ["a"] and t._buckets[0].count == 1
+    with pytest.warns(UserWarning, match="Group 'a' changed dtype from float32 to float64; its history restarts"):
+        t.update(6, {"a": torch.ones(4, dtype=torch.float64)})
+
+
 def test_tracker_steps_must_increase():
     t = BurgersTracker()
     t.update(5, {"a": torch.zeros(4)})
