@@ -147,7 +147,7 @@ def fit_window(pos: Tensor, w: Tensor) -> Tensor:
 
 def fit_window_sums(
     pos: Tensor, rel: tuple[float, ...], ref: int, center: float, inv_stt: float
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """The window fit of a full ring from sums of displacements, and the sums, which :func:`advance_fit_sums`
     keeps from there.
 
@@ -544,11 +544,18 @@ def take_rows(both: Tensor, keep: Tensor) -> Tensor:
     return both.view(2 * B * n, D).index_select(0, idx).view(B, n, D)
 
 
-def running_fit_pays(t: Tensor) -> bool:
-    """Whether to fit the window from running sums (:func:`advance_fit_sums`): on CPU the fit's read of the whole
-    ring is memory-bound, ~5 % of an update at 16 groups x 512 x 8; on an accelerator that read is a few
-    microseconds, and the sums' eight small kernels cost more than the one product."""
-    return t.device.type == "cpu"
+#: the snapshot size (elements, ``B n D``) from which, on CPU, the window fit runs from sums
+#: (:func:`advance_fit_sums`) and non-finite particles are replaced by a gather of rows (:func:`take_rows`)
+CPU_LARGE = 16384
+
+
+def large_on_cpu(numel: int, device: torch.device) -> bool:
+    """Whether a bucket's snapshots (``numel`` elements) take the CPU forms that pay only at size. The product over
+    a 16-snapshot ring reads it all: 121 us at 65,536 elements against 60 us for the running sums, 28 against 23
+    at 16,384, but 6 against 16 at 2,304, where the sums' eight small ops cost more than the read. The gather of
+    rows against a ``where``: 63 against 113 us at 65,536 elements, 27 against 36 at 16,384, 17 against 15 at
+    2,304. On an accelerator, one kernel beats several at any size."""
+    return device.type == "cpu" and numel >= CPU_LARGE
 
 
 def _rates_from(zp: Tensor, inv_r: Tensor, sd_v: Tensor) -> tuple[Tensor, Tensor]:

@@ -890,9 +890,9 @@ class BurgersTracker:
             else xi.to(device=dev, dtype=b.dtype).reshape(xi.shape[0], -1)
             for xi in xs
         ]
-        # on CPU, into the first half of a kept buffer; each particle's extrapolation goes into the second, and
-        # the non-finite particles are replaced by a gather of rows (pt.take_rows)
-        rows = pt._float_ops(ins[0]) and b.sub is None
+        # on CPU (large buckets), into the first half of a kept buffer; each particle's extrapolation goes into the
+        # second, and the non-finite particles are replaced by a gather of rows (pt.take_rows)
+        rows = b.sub is None and pt.large_on_cpu(len(ins) * ins[0].numel(), dev)
         if rows:
             shape = (2, len(ins), *ins[0].shape)
             if b.fill is None or b.fill.shape != shape:
@@ -994,7 +994,7 @@ class BurgersTracker:
             assert b.fit_sums is not None and b.times_host is not None
             ref = b.fit_ref
             xv = pt.fit_from_sums(b.fit_sums, b.pos[ref], L, tc_h - b.times_host[ref], var_iid)
-        elif filled == L and b.times_host is not None and pt.running_fit_pays(b.pos):  # rebuilt from the ring
+        elif filled == L and b.times_host is not None and pt.large_on_cpu(b.pos[0].numel(), dev):  # from the ring
             t0, rel = pt.relative_times(b.times_host)
             xv, b.fit_sums = pt.fit_window_sums(b.pos, rel, slot, tc_h - t0, var_iid)
             b.fit_count, b.fit_ref = b.count, slot
@@ -1080,10 +1080,10 @@ class BurgersTracker:
         then costs O(B n D) instead of a read of the whole ring. ``False`` (not advanced) when they are to be
         rebuilt from the ring instead: every ``L`` updates (which bounds their rounding drift, and before their
         reference snapshot leaves the ring), and whenever they are not current (none yet, a ring not full, a
-        state saved without them, times not known on the host). Not on an accelerator (``running_fit_pays``)."""
+        state saved without them, times not known on the host). Only where they pay (``pt.large_on_cpu``)."""
         th, L = self._t_host, b.L
         current = b.fit_sums is not None and b.fit_count == b.count and b.times_host is not None and th is not None
-        if not current or b.count < L or (b.count + 1) % L == 0 or not pt.running_fit_pays(x):
+        if not current or b.count < L or (b.count + 1) % L == 0 or not pt.large_on_cpu(x.numel(), x.device):
             return False
         ref = b.fit_ref
         t_ref = b.times_host[ref]

@@ -317,11 +317,18 @@ def test_tracker_kept_pair_index_follows_refreshed_split_and_loaded_neighbour_li
     assert {b.pairs[1].device.type for b in tr._buckets if b.pairs is not None} == {"meta"}  # a CUDA run would raise
 
 
-def test_tracker_running_window_fit_follows_splits_resumes_and_states_saved_without_it():
+def test_tracker_running_window_fit_follows_splits_resumes_and_states_saved_without_it(monkeypatch):
     """The window fit comes from running sums, advanced at each update and rebuilt from the ring every `window`
     updates. Through learning-rate time, a bucket split by a missing group, a resumed state and a state saved
     before the sums existed, every update's fit is the least-squares fit of the ring (within 2 % of its float
     resolution), and a resumed state goes on bit for bit."""
+    from shockmon import _particles as pt
+
+    small = BurgersTracker(window=8)
+    for k in range(20):
+        small.update(k, {"a": torch.randn(60, 3)})
+    assert small._buckets[0].fit_sums is None  # below CPU_LARGE elements the product over the ring is cheaper
+    monkeypatch.setattr(pt, "CPU_LARGE", 1)
     L = 8
     g = torch.Generator().manual_seed(5)
     base = {nm: 5.0 + torch.randn(60, 3, generator=g) for nm in "abc"}
@@ -367,10 +374,10 @@ def test_tracker_running_window_fit_follows_splits_resumes_and_states_saved_with
         assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(fits, legacy))
 
 
-def test_non_finite_particles_are_found_and_replaced_alike_on_cpu_and_accelerator_paths(monkeypatch):
-    """On CPU the coordinates' sum is a matrix-vector product and the replacement of non-finite particles a gather
-    of rows from a kept buffer (elsewhere a sum and a `where`): the same particles are found and replaced, with
-    the same extrapolations to rounding, and the same events follow."""
+def test_non_finite_particles_are_found_and_replaced_alike_by_a_gather_of_rows_and_a_where(monkeypatch):
+    """The coordinates' sum is a matrix-vector product, and on CPU the replacement of a large bucket's non-finite
+    particles a gather of rows from a kept buffer (elsewhere a `where`): the same particles are found and
+    replaced, with the same extrapolations to rounding, and the same events follow."""
     from shockmon import _particles as pt
 
     g = torch.Generator().manual_seed(4)
@@ -392,12 +399,13 @@ def test_non_finite_particles_are_found_and_replaced_alike_on_cpu_and_accelerato
             y[1, 5, 1] = math.inf
         stream.append({"a": y[0], "b": y[1]})
 
-    def run(cpu: bool) -> tuple[list[torch.Tensor], list]:
-        monkeypatch.setattr(pt, "_float_ops", lambda t: cpu)
+    def run(rows: bool) -> tuple[list[torch.Tensor], list]:
+        monkeypatch.setattr(pt, "CPU_LARGE", 1 if rows else 1 << 62)  # the rows form, or the `where` everywhere
         tr, rings = BurgersTracker(window=8), []
         for k, groups in enumerate(stream):
             tr.update(k, groups)
             rings.append(tr._buckets[0].pos.clone())
+        assert (tr._buckets[0].fill is not None) == rows
         return rings, tr.poll()
 
     rows, where = run(True), run(False)
