@@ -129,7 +129,6 @@ class _Bucket:
         # fit_count; rebuilt from the ring every L updates
         self.fit_sums: Tensor | None = None
         self.fit_count, self.fit_ref = -1, -1
-        self.tc_host: float | None = None  # tc, while the times are known on the host
         self.fill: Tensor | None = None  # (2, B, n, D) inputs and extrapolations, kept between updates (on CPU)
 
     def take(self, keep: list[int]) -> _Bucket:
@@ -147,12 +146,12 @@ class _Bucket:
         nb.knn = None if self.knn is None else self.knn.index_select(0, idx).clone()
         nb.sub = None if self.sub is None else self.sub.index_select(0, idx).clone()
         nb.fit_sums = None if self.fit_sums is None else self.fit_sums.index_select(1, idx).clone()
-        nb.fit_count, nb.fit_ref, nb.tc_host = self.fit_count, self.fit_ref, self.tc_host
+        nb.fit_count, nb.fit_ref = self.fit_count, self.fit_ref
         return nb
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("names", "n", "D", "L", "count", "noise_count")}
-        d.update(fit_count=self.fit_count, fit_ref=self.fit_ref, tc_host=self.tc_host)
+        d.update(fit_count=self.fit_count, fit_ref=self.fit_ref)
         d["times_host"] = None if self.times_host is None else list(self.times_host)
         d["dtype"] = str(self.dtype).replace("torch.", "")
         for k in _BUCKET_TENSORS:
@@ -165,7 +164,6 @@ class _Bucket:
         b.count, b.noise_count = int(d["count"]), int(d["noise_count"])
         # saved before the running fit sums: they are rebuilt from the ring at the next update
         b.fit_count, b.fit_ref = int(d.get("fit_count", -1)), int(d.get("fit_ref", -1))
-        b.tc_host = d.get("tc_host")
         b.times_host = None if d["times_host"] is None else list(d["times_host"])
         for k in _BUCKET_TENSORS:
             val = d.get(k)
@@ -563,7 +561,8 @@ class BurgersTracker:
         self._where = {nm: (bi, j) for bi, b in enumerate(self._buckets) for j, nm in enumerate(b.names)}
 
     # ------------------------------------------------------------------ input checks
-    def _check(self, step: Any, groups: Any, trajectory: Any, lr: Any) -> tuple[int, dict[str, Tensor]]:
+    def _check(self, step: Any, groups: Any, trajectory: Any, lr: Any) -> tuple[int, dict[str, Tensor], bool]:
+        """The step as an int, the groups as a dict, and whether they have the last update's signature."""
         if isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise TypeError(f"Expected `step` to be an int, but got {type(step).__name__}")
         step = int(step)
@@ -581,7 +580,8 @@ class BurgersTracker:
             else None
         )
         self._sig_now = sig
-        for name, x in groups.items() if sig is None or sig != self._sig else ():
+        same = sig is not None and sig == self._sig
+        for name, x in groups.items() if not same else ():
             if not isinstance(name, str) or not name or name == TRAJECTORY:
                 raise ValueError(
                     f"Expected group names to be non-empty strings other than 'trajectory', got {name!r}"
@@ -610,7 +610,7 @@ class BurgersTracker:
             raise ValueError(f"Expected `lr` to be a scalar, but got shape {tuple(lr.shape)}")
         if self.time == "lr" and lr is None and self._last_step is None:
             raise ValueError("Expected `lr` on the first update of a tracker with time='lr', but got None")
-        return step, out
+        return step, out, same
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
@@ -645,7 +645,7 @@ class BurgersTracker:
     def _update(
         self, step: int, groups: Mapping[str, Tensor], trajectory: Tensor | None, lr: float | Tensor | None
     ) -> None:
-        step, groups = self._check(step, groups, trajectory, lr)
+        step, groups, same = self._check(step, groups, trajectory, lr)
         first = next(iter(groups.values()), trajectory)
         if self._device is None:
             if first is None:
@@ -682,7 +682,6 @@ class BurgersTracker:
         self._last_step = step
         # ---- group registry (host-side shape checks); nothing to do for the names, shapes and dtypes of the last
         # update (no drop or load since)
-        same = self._sig_now is not None and self._sig_now == self._sig
         for name, x in groups.items() if not same else ():
             n = x.shape[0]
             D = 1 if x.dim() == 1 else x.shape[1]
@@ -911,26 +910,16 @@ class BurgersTracker:
         else:
             fin = fin_all
         B, n, D = x.shape
-        if rows:  # the extrapolation into the buffer's second half, then one gather
-            assert b.fill is not None
-            guess = b.fill[1]
-            if b.count >= 2 and b.tc_host is not None and self._t_host is not None:
-                torch.add(b.xc, b.v, alpha=self._t_host - b.tc_host, out=guess)
-            elif b.count >= 2:
-                torch.mul(b.v, (t_now - b.tc).to(b.dtype), out=guess).add_(b.xc)
-            elif b.count == 1:
-                guess.copy_(b.pos[0])
-            else:
-                guess.zero_()
-            x = pt.take_rows(b.fill, fin)
+        # each particle's extrapolation from the last fit (into the buffer's second half on the rows path), which
+        # replaces a non-finite particle
+        out = b.fill[1] if rows else None
+        if b.count >= 2:
+            guess = torch.mul(b.v, (t_now - b.tc).to(b.dtype), out=out).add_(b.xc)
+        elif b.count == 1:
+            guess = b.pos[0] if out is None else out.copy_(b.pos[0])
         else:
-            if b.count >= 2:
-                guess = b.xc + b.v * (t_now - b.tc).to(b.dtype)
-            elif b.count == 1:
-                guess = b.pos[0]
-            else:
-                guess = torch.zeros_like(x)
-            x = torch.where(fin[..., None], x, guess)
+            guess = torch.zeros_like(x) if out is None else out.zero_()
+        x = pt.take_rows(b.fill, fin) if rows else torch.where(fin[..., None], x, guess)
         # the step length: the median particle's distance moved since the last snapshot (its log, for the
         # growth test), and the particles moving most (the units of an instability event), over a fixed
         # sample of at most ~2 x _GROWTH_SAMPLE particles (every stride-th; all of a small group)
@@ -984,10 +973,8 @@ class BurgersTracker:
             w, tc_h, var_iid, var_walk = pt.window_fit_weights(b.times_host, filled, b.dtype, dev)
             tc = torch.full((), tc_h, dtype=torch.float64, device=dev)
             tn: list[Any] = b.times_host
-            tc_host: float | None = tc_h
         else:
             ws_t, wm_t, tc, var_iid, var_walk = pt.window_weights(b.times, filled)
-            tc_host = None
             w = torch.stack([wm_t[:filled], ws_t[:filled]])
             tn = [b.times[i] for i in range(L)]
         if advanced:
@@ -1002,7 +989,7 @@ class BurgersTracker:
             xv = pt.fit_window(b.pos if filled == L else b.pos[:filled], w)
             b.fit_sums = None
         xc, v = xv.unbind(0)
-        b.xc, b.v, b.tc, b.tc_host = xc, v, tc, tc_host
+        b.xc, b.v, b.tc = xc, v, tc
         dt_now = t_now - tc
         # ---- noise statistics, every NOISE_EVERY updates (they are averaged over 2L updates anyway)
         k_noise = min(7, L, b.count)
